@@ -1,0 +1,72 @@
+"""Callbacks that every cifarlab Trainer gets: the end-of-test report and per-epoch throughput."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+from cifarlab import report
+
+
+class TestReport(L.Callback):
+    """After ``test``: ``test_metrics.json``, ``confusion_matrix.png`` and ``curves.png`` in the run directory."""
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        confmat = pl_module.test_confmat.compute().cpu().numpy()  # every rank takes part in the sync
+        if not trainer.is_global_zero:
+            return
+        out = Path(trainer.log_dir or trainer.default_root_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        dm = trainer.datamodule
+        classes = getattr(dm, "classes", None) or [str(i) for i in range(len(confmat))]
+        metrics = report.test_metrics(confmat, classes, float(trainer.callback_metrics.get("test_loss", float("nan"))))
+        metrics["ckpt_path"] = trainer.ckpt_path
+        report.write_json(metrics, out / "test_metrics.json")
+        report.plot_confusion(confmat, classes, out / "confusion_matrix.png")
+        csv_file = out / "metrics.csv"
+        if csv_file.exists():
+            report.plot_curves(csv_file, out / "curves.png")
+        rank_zero_info(f"test accuracy: {metrics['test_acc']:.4f} on {metrics['num_images']} images "
+                       f"-> {out / 'test_metrics.json'}")
+
+
+class EpochSpeed(L.Callback):
+    """Logs ``train_img_per_s`` (training images per second of the epoch's wall time) and ``elapsed_s``."""
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self._fit_start = time.perf_counter()
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._images = 0
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._images += len(batch[1])
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        now = time.perf_counter()
+        pl_module.log("train_img_per_s", self._images / max(now - self._start, 1e-9))
+        pl_module.log("elapsed_s", now - self._fit_start)
+
+
+class TestEveryEpoch(L.Callback):
+    """Benchmarks only: test accuracy after every epoch (logged as ``epoch_test_acc``) for learning curves.
+
+    It never feeds model selection (checkpoints monitor ``val_acc``); add it with
+    ``--trainer.callbacks+=cifarlab.callbacks.TestEveryEpoch``.
+    """
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.datamodule is None:
+            return
+        correct = total = 0
+        with torch.no_grad(), trainer.precision_plugin.forward_context():
+            for x, y in trainer.datamodule.test_dataloader():
+                x, y = x.to(pl_module.device), y.to(pl_module.device)
+                correct += (pl_module(x).argmax(1) == y).sum().item()
+                total += len(y)
+        pl_module.log("epoch_test_acc", correct / max(total, 1))

@@ -1,0 +1,167 @@
+"""The ``cifarlab`` command.
+
+  cifarlab stats    [--config RECIPE] [--data.root DIR]    mean/std of the training split + augmentation preview
+  cifarlab lr-find  --config RECIPE [--num_iter 200] ...     LR range test -> plot + suggested --model.lr
+  cifarlab fit      --config RECIPE [--data.root DIR] ...    train, then test the best checkpoint
+  cifarlab validate|test|predict --config RECIPE --ckpt_path PATH
+
+fit/validate/test/predict are LightningCLI's: every typed ``__init__`` argument of ``ImageClassifier``,
+``CIFARDataModule`` and ``Trainer`` is a flag (``--model.lr``, ``--data.batch_size``, ``--trainer.max_epochs``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import ctypes.util
+import sys
+import warnings
+from pathlib import Path
+
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ModelSummary
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+from cifarlab.callbacks import EpochSpeed, TestReport
+from cifarlab.data import CIFARDataModule, DataError
+from cifarlab.module import ImageClassifier
+
+
+class CifarLabCLI(LightningCLI):
+    """LightningCLI with a run directory per run, checkpoint defaults, and a test of the best model after fit."""
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("trainer_defaults", {
+            "callbacks": [LearningRateMonitor(logging_interval="step"), ModelSummary(max_depth=3),
+                          EpochSpeed(), TestReport()],
+        })
+        kwargs.setdefault("parser_kwargs", {"description": __doc__,
+                                            "formatter_class": argparse.RawDescriptionHelpFormatter})
+        super().__init__(ImageClassifier, CIFARDataModule, **kwargs)
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--run.dir", type=str, default="runs", help="Where run directories are created.")
+        parser.add_argument("--run.name", type=str, default="default",
+                            help="Runs go to <run.dir>/<run.name>/version_<n>/.")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.monitor": "val_acc", "checkpoint.mode": "max", "checkpoint.save_last": True,
+                             "checkpoint.filename": "epoch{epoch:02d}-val_acc{val_acc:.4f}",
+                             "checkpoint.auto_insert_metric_name": False})
+        # The head's size follows the data: folders with other class counts just work.
+        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+
+    def instantiate_trainer(self, **kwargs):
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        logger = config["trainer"].get("logger")
+        if self.subcommand in ("fit", "validate", "test", "predict") and logger in (None, True):
+            # TensorBoard and CSV logs, checkpoints, config and report share one run directory.
+            root, name = Path(config["run"]["dir"]), config["run"]["name"]
+            version = next_version(root / name)
+            kwargs["logger"] = [TensorBoardLogger(root, name=name, version=version, default_hp_metric=False),
+                                CSVLogger(root, name=name, version=version)]
+        elif self.subcommand is None:
+            kwargs.setdefault("logger", False)  # stats / lr-find: no run directory
+        return super().instantiate_trainer(**kwargs)
+
+    def after_fit(self) -> None:
+        if self.trainer.interrupted or self.trainer.fast_dev_run:
+            return
+        best = self.trainer.checkpoint_callback.best_model_path if self.trainer.checkpoint_callback else ""
+        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None)
+
+
+def next_version(folder: Path) -> int:
+    """The first unused ``version_<n>`` number under ``folder``."""
+    used = [int(p.name.split("_", 1)[1]) for p in folder.glob("version_*") if p.name.split("_", 1)[1].isdigit()]
+    return max(used, default=-1) + 1
+
+
+def tune_malloc() -> None:
+    """glibc: keep freed memory instead of returning it to the OS after every step (about 20% faster on CPU).
+
+    Equivalent to MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=1e11 MALLOC_TOP_PAD_=1 GiB; a no-op elsewhere.
+    """
+    libc_name = ctypes.util.find_library("c")
+    if not sys.platform.startswith("linux") or not libc_name:
+        return
+    try:
+        libc = ctypes.CDLL(libc_name)
+        m_trim_threshold, m_top_pad, m_mmap_max = -1, -2, -4  # from <malloc.h>
+        libc.mallopt(m_mmap_max, 0)
+        libc.mallopt(m_trim_threshold, 2**31 - 1)
+        libc.mallopt(m_top_pad, 1 << 30)
+    except (OSError, AttributeError):
+        pass  # not glibc (e.g. musl): keep the defaults
+
+
+def stats_main(argv: list[str]) -> None:
+    """``cifarlab stats``: print mean/std of the training split, write an augmentation preview grid."""
+    import numpy as np
+
+    from cifarlab.report import save_image_grid
+
+    extra = argparse.ArgumentParser(add_help=False)
+    extra.add_argument("--out", default=None, help="Where to write augmentations.png (default <run.dir>/stats).")
+    extra.add_argument("--num_images", type=int, default=32)
+    opts, rest = extra.parse_known_args(argv)
+    cli = CifarLabCLI(args=rest, run=False)
+    dm = cli.datamodule
+    dm.prepare_data()
+    dm.setup("fit")
+    print(f"training images: {len(dm.train_set) + len(dm.val_set)} ({len(dm.classes)} classes) in {dm.data_root}")
+    print(f"mean: {np.array2string(np.array(dm.mean), precision=4)}")
+    print(f"std:  {np.array2string(np.array(dm.std), precision=4)}")
+    print(f"cached in {dm.cache_dir}")
+    out = Path(opts.out or Path(cli.config["run"]["dir"]) / "stats")
+    out.mkdir(parents=True, exist_ok=True)
+    n = min(opts.num_images, len(dm.train_set))
+    x, y = dm.train_set.images[:n], dm.train_set.labels[:n]  # raw uint8; augmented below by the recipe's back end
+    aug = dm.train_transform()(x)
+    save_image_grid(aug.numpy(), [dm.classes[i] for i in y.tolist()], out / "augmentations.png",
+                    title=f"training augmentation ({dm.augment.backend})")
+    print(f"augmentation preview: {out / 'augmentations.png'}")
+
+
+def lr_find_main(argv: list[str]) -> None:
+    """``cifarlab lr-find``: LR range test on the recipe's model and data."""
+    from cifarlab.lr_find import lr_range_test
+
+    extra = argparse.ArgumentParser(add_help=False)
+    extra.add_argument("--min_lr", type=float, default=1e-7)
+    extra.add_argument("--max_lr", type=float, default=10.0)
+    extra.add_argument("--num_iter", type=int, default=200)
+    extra.add_argument("--out", default=None, help="Output folder (default <run.dir>/<run.name>/lr_find).")
+    opts, rest = extra.parse_known_args(argv)
+    cli = CifarLabCLI(args=rest, run=False)
+    out = Path(opts.out or Path(cli.config["run"]["dir"]) / cli.config["run"]["name"] / "lr_find")
+    result = lr_range_test(cli.trainer, cli.model, cli.datamodule, out, opts.min_lr, opts.max_lr, opts.num_iter)
+    print(f"suggested max LR: {result['lr']:.4g}  (plot: {result['plot']})")
+    print(f"train with it:    cifarlab fit {' '.join(rest)} --model.lr {result['lr']:.4g}")
+    print(f"              or: cifarlab fit {' '.join(rest)} --config {result['config']}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``cifarlab`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # We hand LightningCLI the arguments it should parse (some are ours): its "args and sys.argv" notice is noise.
+    warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
+    # Both loggers share the run directory on purpose; the CSV logger only rewrites its own metrics.csv.
+    warnings.filterwarnings("ignore", message=".*Experiment logs directory .* exists and is not empty.*")
+    tune_malloc()
+    commands = {"stats": stats_main, "lr-find": lr_find_main, "lr_find": lr_find_main}
+    try:
+        if argv and argv[0] in commands:
+            commands[argv[0]](argv[1:])
+        else:
+            CifarLabCLI(args=argv)
+    except DataError as err:
+        print(f"cifarlab: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print("cifarlab: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,349 @@
+"""Data: CIFAR-10 from torchvision or any ImageFolder tree, decoded once into a uint8 cache, split, served.
+
+Sources (``--data.source``):
+  * ``cifar10``: torchvision's CIFAR10, downloaded in ``prepare_data`` (the default when no root is given).
+  * ``folder``: ``<root>/train/<class>/*`` and ``<root>/test/<class>/*`` (the default when a root is given).
+
+A folder is decoded once into ``<cache_dir>/<split>-<key>.npz``; the key hashes every file's path, size
+and mtime, so adding, removing or touching a file rebuilds the cache instead of reusing a stale one.
+A stratified, seeded validation split is held out of the training images; the test split is only
+used by ``test`` (and at the end of ``fit``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from cifarlab.stats import cached_channel_stats
+from cifarlab.transforms import IMAGE_SIZE, AugmentConfig, BatchAugment, albumentations_pipeline, pil_to_uint8
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+DEFAULT_CIFAR10_ROOT = "~/.cache/cifarlab/cifar10"
+
+
+class DataError(Exception):
+    """A problem with the user's data, reported as one line that says what is wrong and what to do."""
+
+
+@dataclass
+class Split:
+    """One split held in memory: ``images`` (N, 32, 32, 3) uint8, ``labels`` (N,) int64."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    classes: list[str]
+    key: str  # identifies the data it came from; names the stats cache
+
+
+# ---------------------------------------------------------------------------------------------- folders
+def folder_classes(root: str | os.PathLike) -> list[str]:
+    """Class names of an ImageFolder tree (sorted folder names), after checking its layout."""
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise DataError(f"data root {root} does not exist: pass --data.root DIR holding train/<class>/ "
+                        "and test/<class>/ folders (or leave it out to use torchvision's CIFAR-10)")
+    if not root.is_dir():
+        raise DataError(f"data root {root} is not a folder: pass a folder holding train/ and test/")
+    missing = [s for s in ("train", "test") if not (root / s).is_dir()]
+    if missing:
+        found = sorted(p.name for p in root.iterdir())[:8]
+        raise DataError(f"{root} is not a train/test ImageFolder tree: no {' or '.join(s + '/' for s in missing)} "
+                        f"folder (found: {', '.join(found) or 'nothing'}); expected train/<class>/ and test/<class>/")
+    per_split = {}
+    for split in ("train", "test"):
+        names = sorted(p.name for p in (root / split).iterdir() if p.is_dir() and not p.name.startswith("."))
+        if not names:
+            raise DataError(f"{root / split} has no class folders: expected {split}/<class>/<image files>")
+        per_split[split] = names
+    if per_split["train"] != per_split["test"]:
+        only_train = sorted(set(per_split["train"]) - set(per_split["test"]))
+        only_test = sorted(set(per_split["test"]) - set(per_split["train"]))
+        raise DataError(f"class folders differ between {root}/train and {root}/test: only in train: "
+                        f"{only_train or 'none'}; only in test: {only_test or 'none'}; make both hold the same classes")
+    return per_split["train"]
+
+
+def list_folder_split(root: Path, split: str, classes: list[str]) -> list[tuple[Path, int]]:
+    """``(path, label)`` for every image file of ``root/split``, in a stable (sorted) order."""
+    files = []
+    for label, name in enumerate(classes):
+        folder = root / split / name
+        found = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMG_EXTENSIONS)
+        if not found:
+            raise DataError(f"class folder {folder} holds no images ({', '.join(IMG_EXTENSIONS)}): "
+                            "add images or remove the folder from both train/ and test/")
+        files += [(p, label) for p in found]
+    return files
+
+
+def folder_key(files: list[tuple[Path, int]], root: Path) -> str:
+    """Hash of every file's relative path, size and mtime: changes whenever the folder's content does."""
+    h = hashlib.sha1(f"v1:{IMAGE_SIZE}".encode())
+    for path, label in files:
+        st = path.stat()
+        h.update(f"{path.relative_to(root)}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def decode_image(path: Path) -> np.ndarray:
+    """Decode one file to ``(32, 32, 3)`` uint8; a file PIL cannot read fully is a ``DataError`` naming it."""
+    try:
+        with Image.open(path) as img:
+            img.load()  # decode now, so a truncated file fails here rather than later
+            return pil_to_uint8(img)
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise DataError(f"cannot read image {path}: {err}; remove or replace the file") from None
+
+
+def load_folder_split(root: Path, split: str, classes: list[str], cache_dir: Path) -> Split:
+    """Decode ``root/split`` into a ``Split``, through the uint8 cache in ``cache_dir``."""
+    files = list_folder_split(root, split, classes)
+    key = folder_key(files, root)
+    cache_file = cache_dir / f"{split}-{key}.npz"
+    if cache_file.exists():
+        with np.load(cache_file, allow_pickle=False) as z:
+            return Split(z["images"], z["labels"], [str(c) for c in z["classes"]], key)
+    images = np.stack([decode_image(p) for p, _ in files])
+    labels = np.array([label for _, label in files], dtype=np.int64)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = cache_file.with_name(cache_file.name + ".tmp.npz")
+    np.savez(tmp, images=images, labels=labels, classes=np.array(classes))
+    os.replace(tmp, cache_file)  # atomic: an interrupted run never leaves a half-written cache
+    for stale in cache_dir.glob(f"{split}-*.npz"):
+        if stale != cache_file:
+            stale.unlink(missing_ok=True)
+    return Split(images, labels, classes, key)
+
+
+# ---------------------------------------------------------------------------------------------- cifar10
+def download_cifar10(root: Path) -> None:
+    """Fetch torchvision's CIFAR-10 into ``root`` (no-op when already there)."""
+    from torchvision.datasets import CIFAR10
+
+    try:
+        for train in (True, False):
+            CIFAR10(str(root), train=train, download=True)
+    except (OSError, RuntimeError) as err:  # URLError is an OSError
+        raise DataError(f"could not download CIFAR-10 into {root} ({err}); without internet, pass "
+                        "--data.root DIR holding train/<class>/ and test/<class>/ image folders") from None
+
+
+def load_cifar10_split(root: Path, split: str) -> Split:
+    """Read torchvision's CIFAR-10 split from ``root`` (already uint8 in memory: no decode cache needed)."""
+    from torchvision.datasets import CIFAR10
+
+    try:
+        ds = CIFAR10(str(root), train=(split == "train"), download=False)
+    except RuntimeError as err:
+        raise DataError(f"CIFAR-10 not found in {root} ({err}); run `cifarlab stats` online once, "
+                        "or pass --data.root DIR with train/ and test/ image folders") from None
+    return Split(np.asarray(ds.data, dtype=np.uint8), np.asarray(ds.targets, dtype=np.int64),
+                 list(ds.classes), key=f"cifar10-{split}")
+
+
+# ---------------------------------------------------------------------------------------------- splits
+def stratified_split(labels: np.ndarray, val_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices ``(train, val)`` with ``val_size`` validation images spread over classes in proportion."""
+    if not 0 < val_size < len(labels):
+        raise DataError(f"--data.val_size {val_size} must be between 1 and the {len(labels)} training images - 1")
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(labels, return_counts=True)
+    quota = val_size * counts / len(labels)
+    take = np.floor(quota).astype(int)
+    # Hand the remaining images to the classes with the largest rounding loss.
+    take[np.argsort(take - quota)[: val_size - take.sum()]] += 1
+    val = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:n] for c, n in zip(classes, take)])
+    train = np.setdiff1d(np.arange(len(labels)), val)
+    return rng.permutation(train), np.sort(val)
+
+
+class ImageArrayDataset(Dataset):
+    """Serves ``(image (3, 32, 32) uint8, label)`` from in-memory arrays.
+
+    Without a per-sample transform, ``__getitems__`` hands the DataLoader a whole batch by one fancy-index
+    (microseconds) instead of collating 512 single images.
+    """
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform=None):
+        self.images = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous()
+        self.images_hwc = images
+        self.labels = torch.from_numpy(labels)
+        self.transform = transform
+        self._seeded_pid = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        if self.transform is None:
+            return self.images[i], self.labels[i]
+        if self._seeded_pid != os.getpid():
+            # albumentations keeps its own RNG: derive it from torch's, which seed_everything and the
+            # DataLoader set per worker, so runs are reproducible and workers do not repeat each other.
+            self.transform.set_random_seed(torch.initial_seed() % 2**32)
+            self._seeded_pid = os.getpid()
+        return self.transform(image=self.images_hwc[i])["image"], self.labels[i]
+
+    def __getitems__(self, indices: list[int]):
+        if self.transform is None:
+            idx = torch.as_tensor(indices)
+            return self.images[idx], self.labels[idx]
+        return torch.utils.data.default_collate([self[i] for i in indices])
+
+
+def _batch_is_collated(batch):
+    return batch
+
+
+# ---------------------------------------------------------------------------------------------- datamodule
+class CIFARDataModule(L.LightningDataModule):
+    """CIFAR-10 (torchvision) or an ImageFolder tree, as uint8 batches ``(B, 3, 32, 32)`` and int64 labels.
+
+    Args:
+        root: ImageFolder root with ``train/`` and ``test/``; or, with ``source=cifar10``, where torchvision
+            keeps CIFAR-10 (default ``~/.cache/cifarlab/cifar10``).
+        source: ``auto`` = ``folder`` when a root is given, else ``cifar10``.
+        batch_size: training batch size.
+        eval_batch_size: batch size for validation, test and prediction (no gradients: larger is faster).
+        val_size: training images held out, stratified, for validation.
+        split_seed: seed of the validation split (fixed apart from the training seed, so runs compare).
+        augment: training augmentation (see ``AugmentConfig``).
+        num_workers: DataLoader worker processes; only the albumentations back end needs any.
+        cache_dir: where decoded arrays and statistics are cached (default ``<root>/.cifarlab-cache``, or
+            ``~/.cache/cifarlab/...`` when the root is read-only).
+    """
+
+    def __init__(
+        self,
+        root: str | None = None,
+        source: Literal["auto", "cifar10", "folder"] = "auto",
+        batch_size: int = 512,
+        eval_batch_size: int = 1000,
+        val_size: int = 5000,
+        split_seed: int = 0,
+        augment: AugmentConfig | None = None,
+        num_workers: int = 0,
+        cache_dir: str | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.root = root
+        self.source = ("folder" if root else "cifar10") if source == "auto" else source
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.val_size = val_size
+        self.split_seed = split_seed
+        self.augment = augment or AugmentConfig()
+        self.num_workers = num_workers
+        self._cache_dir = cache_dir
+        # Filled by setup(): nothing is loaded before it (prepare_data may run on another process).
+        self.classes: list[str] | None = None
+        self.mean: list[float] | None = None
+        self.std: list[float] | None = None
+        self.train_set = self.val_set = self.test_set = None
+        self._batch_augment: BatchAugment | None = None
+
+    # -- where things live
+    @property
+    def data_root(self) -> Path:
+        if self.source == "cifar10":
+            return Path(self.root or DEFAULT_CIFAR10_ROOT).expanduser()
+        if not self.root:
+            raise DataError("--data.source folder needs --data.root DIR holding train/<class>/ and test/<class>/")
+        return Path(self.root).expanduser()
+
+    @property
+    def cache_dir(self) -> Path:
+        if self._cache_dir:
+            return Path(self._cache_dir).expanduser()
+        beside = self.data_root / ".cifarlab-cache"
+        if os.access(self.data_root, os.W_OK) or os.access(beside, os.W_OK):
+            return beside
+        digest = hashlib.sha1(str(self.data_root.resolve()).encode()).hexdigest()[:12]
+        return Path("~/.cache/cifarlab").expanduser() / f"{self.data_root.name}-{digest}"
+
+    @property
+    def num_classes(self) -> int:
+        """Known without loading any image (read by the CLI to size the model's head)."""
+        return len(CIFAR10_CLASSES) if self.source == "cifar10" else len(folder_classes(self.data_root))
+
+    # -- Lightning hooks
+    def prepare_data(self) -> None:
+        """Download CIFAR-10 or build the decode cache, once per machine (rank 0 only under DDP)."""
+        self.load_splits()
+
+    def load_splits(self) -> dict[str, Split]:
+        """The train and test splits as uint8 arrays (downloading or decoding on first use)."""
+        if self.source == "cifar10":
+            download_cifar10(self.data_root)
+            return {s: load_cifar10_split(self.data_root, s) for s in ("train", "test")}
+        root = self.data_root
+        classes = folder_classes(root)
+        return {s: load_folder_split(root, s, classes, self.cache_dir) for s in ("train", "test")}
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        splits = self.load_splits()
+        train, test = splits["train"], splits["test"]
+        self.classes = train.classes
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        # Statistics of the whole training folder (held-out part included), as published for CIFAR-10.
+        self.mean, self.std = cached_channel_stats(train.images, self.cache_dir / f"stats-{train.key}.json")
+        train_idx, val_idx = stratified_split(train.labels, self.val_size, self.split_seed)
+        per_sample = None
+        if self.augment.backend == "albumentations":
+            per_sample = albumentations_pipeline(self.augment, self.mean)
+        elif self.augment.backend == "tensor":
+            self._batch_augment = BatchAugment(self.augment, self.mean)
+        self.train_set = ImageArrayDataset(train.images[train_idx], train.labels[train_idx], per_sample)
+        self.val_set = ImageArrayDataset(train.images[val_idx], train.labels[val_idx])
+        self.test_set = ImageArrayDataset(test.images, test.labels)
+
+    def _loader(self, dataset, batch_size: int, shuffle: bool, drop_last: bool = False) -> DataLoader:
+        workers = self.num_workers if dataset.transform is not None else 0
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
+                          num_workers=workers, persistent_workers=workers > 0,
+                          collate_fn=_batch_is_collated, pin_memory=torch.cuda.is_available())
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, self.batch_size, shuffle=True, drop_last=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, self.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, self.eval_batch_size, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.test_dataloader()
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """Batched augmentation runs here: on the training device, on whole uint8 batches."""
+        training = self.trainer is not None and self.trainer.training
+        # (ModelSummary also sends its bare example tensor through here: leave that alone.)
+        if self._batch_augment is not None and training and isinstance(batch, (list, tuple)):
+            x, y = batch
+            self._batch_augment.to(x.device)
+            batch = (self._batch_augment(x), y)
+        return batch
+
+    def train_transform(self):
+        """A callable ``(B, 3, H, W) uint8 -> augmented`` for previews, whatever the back end."""
+        if self.augment.backend == "tensor":
+            return self._batch_augment
+        if self.augment.backend == "albumentations":
+            pipe = self.train_set.transform
+            return lambda x: torch.stack([pipe(image=im.permute(1, 2, 0).numpy())["image"] for im in x])
+        return lambda x: x

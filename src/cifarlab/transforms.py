@@ -1,0 +1,166 @@
+"""The one definition of preprocessing and augmentation, shared by training, evaluation, prediction and the app.
+
+Images travel as uint8 pixels everywhere (``(B, 3, H, W)`` tensors, or ``(H, W, 3)`` arrays inside
+albumentations); the only conversion to normalised floats is ``Normalize``, which lives inside the
+LightningModule. So a checkpoint carries its own mean/std, and no path can normalise twice or forget to.
+
+Two interchangeable augmentation back ends draw from the same distribution:
+
+* ``albumentations``: the reference recipe, per sample, in the DataLoader.
+* ``tensor``: the same ops on a whole uint8 batch at once on the training device. Hand-written because it is
+  measurably faster: per-sample Python augmentation takes CPU time from the model on a 2-core machine
+  (see docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+IMAGE_SIZE = 32  # pixels; every network here is built for 32x32 CIFAR inputs
+
+
+@dataclass
+class AugmentConfig:
+    """Training augmentation: pad + random crop, horizontal flip, cutout filled with the dataset mean.
+
+    The defaults are the seed recipe's (albumentations' old ``Cutout`` defaults: 8 holes of 8x8, p=0.5).
+    """
+
+    backend: Literal["albumentations", "tensor", "none"] = "tensor"
+    """Where augmentation runs: per sample (albumentations), per batch on the device (tensor), or not at all."""
+    pad: int = 4
+    """Pixels of reflect padding before the random 32x32 crop, i.e. the largest translation."""
+    flip: bool = True
+    """Random horizontal flip with probability 0.5."""
+    cutout_holes: int = 8
+    """Holes cut per image (when cutout fires)."""
+    cutout_size: int = 8
+    """Side of each square hole, pixels. 0 disables cutout."""
+    cutout_p: float = 0.5
+    """Probability that an image gets its holes."""
+
+
+class Normalize(nn.Module):
+    """uint8 pixels ``(B, 3, H, W)`` -> float ``(x / 255 - mean) / std``. Float inputs are taken as 0..255 too.
+
+    ``mean`` and ``std`` are buffers, so they are saved in (and restored from) every checkpoint.
+    """
+
+    def __init__(self, mean: tuple[float, ...] = (0.5, 0.5, 0.5), std: tuple[float, ...] = (0.25, 0.25, 0.25)):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32))
+
+    @torch.no_grad()
+    def set_stats(self, mean, std) -> None:
+        """Copy dataset statistics (0..1 scale, one value per channel) into the buffers."""
+        self.mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
+        self.std.copy_(torch.as_tensor(std, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = (1.0 / (255.0 * self.std)).view(1, -1, 1, 1)
+        shift = (self.mean / self.std).view(1, -1, 1, 1)
+        return x.float() * scale - shift
+
+
+def mean_fill(mean) -> tuple[int, int, int]:
+    """The dataset mean as a uint8 RGB colour: what cutout fills holes with (it normalises to ~0)."""
+    return tuple(int(round(float(m) * 255)) for m in mean)
+
+
+def albumentations_pipeline(cfg: AugmentConfig, mean, seed: int | None = None):
+    """The reference per-sample training pipeline on an ``(H, W, 3)`` uint8 array -> ``(3, H, W)`` uint8 tensor.
+
+    ``strict=True`` makes a misspelled or renamed argument an error: albumentations 2.x otherwise
+    ignores old argument names (``max_holes``, ``fill_value``, ...) with only a warning.
+    """
+    import albumentations as A
+    import cv2
+    from albumentations.pytorch import ToTensorV2
+
+    size = IMAGE_SIZE
+    ops = [
+        A.PadIfNeeded(min_height=size + 2 * cfg.pad, min_width=size + 2 * cfg.pad,
+                      border_mode=cv2.BORDER_REFLECT_101),
+        A.RandomCrop(height=size, width=size),
+    ]
+    if cfg.flip:
+        ops.append(A.HorizontalFlip(p=0.5))
+    if cfg.cutout_size > 0 and cfg.cutout_holes > 0:
+        ops.append(A.CoarseDropout(num_holes_range=(cfg.cutout_holes, cfg.cutout_holes),
+                                   hole_height_range=(cfg.cutout_size, cfg.cutout_size),
+                                   hole_width_range=(cfg.cutout_size, cfg.cutout_size),
+                                   fill=mean_fill(mean), p=cfg.cutout_p))
+    ops.append(ToTensorV2())
+    return A.Compose(ops, strict=True, seed=seed)
+
+
+class BatchAugment(nn.Module):
+    """The same augmentation as ``albumentations_pipeline``, on a whole uint8 batch ``(B, 3, H, W)`` at once.
+
+    Translation by up to ``pad`` pixels with reflection at the border (equal to reflect-pad + random crop),
+    a horizontal flip per image, and cutout holes filled with the dataset mean. Randomness comes from
+    torch's generator on the batch's device, so ``seed_everything`` makes it reproducible.
+    """
+
+    def __init__(self, cfg: AugmentConfig, mean):
+        super().__init__()
+        self.cfg = cfg
+        self.register_buffer("fill", torch.tensor(mean_fill(mean), dtype=torch.uint8), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        b, _, h, w = x.shape
+        dev = x.device
+        if cfg.pad > 0:
+            # Source row/col of every output pixel: shift, then reflect into range (reflect-101, as cv2/torch).
+            shift_y = torch.randint(-cfg.pad, cfg.pad + 1, (b, 1), device=dev)
+            shift_x = torch.randint(-cfg.pad, cfg.pad + 1, (b, 1), device=dev)
+            rows = _reflect(torch.arange(h, device=dev) + shift_y, h)  # (B, H)
+            cols = _reflect(torch.arange(w, device=dev) + shift_x, w)  # (B, W)
+            if cfg.flip:
+                flip = torch.rand(b, 1, device=dev) < 0.5
+                cols = torch.where(flip, cols.flip(1), cols)
+            batch = torch.arange(b, device=dev).view(b, 1, 1)
+            x = x[batch, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)  # (B, 3, H, W)
+        elif cfg.flip:
+            flip = torch.rand(b, 1, 1, 1, device=dev) < 0.5
+            x = torch.where(flip, x.flip(3), x)
+        if cfg.cutout_size > 0 and cfg.cutout_holes > 0 and cfg.cutout_p > 0:
+            s, k = cfg.cutout_size, cfg.cutout_holes
+            top = torch.randint(0, h - s + 1, (b, k, 1), device=dev)
+            left = torch.randint(0, w - s + 1, (b, k, 1), device=dev)
+            ys = torch.arange(h, device=dev)
+            xs = torch.arange(w, device=dev)
+            in_rows = (ys >= top) & (ys < top + s)  # (B, K, H)
+            in_cols = (xs >= left) & (xs < left + s)  # (B, K, W)
+            hole = (in_rows[:, :, :, None] & in_cols[:, :, None, :]).any(1)  # (B, H, W)
+            hole &= (torch.rand(b, 1, 1, device=dev) < cfg.cutout_p)
+            x = torch.where(hole[:, None], self.fill.view(1, -1, 1, 1), x)
+        return x.contiguous()
+
+
+def _reflect(idx: torch.Tensor, n: int) -> torch.Tensor:
+    """Map indices in [-n+1, 2n-2] into [0, n-1] by reflection without repeating the edge."""
+    idx = idx.abs()
+    return torch.where(idx > n - 1, 2 * (n - 1) - idx, idx)
+
+
+def pil_to_uint8(img: Image.Image, size: int = IMAGE_SIZE) -> np.ndarray:
+    """Any PIL image -> ``(size, size, 3)`` uint8 RGB, resized with antialiasing when it is not that size."""
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=None)
+    return np.asarray(img, dtype=np.uint8)
+
+
+def to_batch(images: np.ndarray) -> torch.Tensor:
+    """``(N, H, W, 3)`` uint8 array -> ``(N, 3, H, W)`` uint8 tensor, the model's input format."""
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous()

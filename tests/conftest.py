@@ -1,0 +1,35 @@
+"""Shared fixtures: tiny synthetic ImageFolder trees, made in a temp dir per test."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+SHARED_TARBALL = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
+
+
+def make_image_folder(root: Path, classes=("cat", "dog", "frog"), n_train: int = 24, n_test: int = 6,
+                      size: int = 32, seed: int = 0) -> Path:
+    """``root/{train,test}/<class>/<i>.png``; each class gets its own base colour so it is learnable."""
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", n_train), ("test", n_test)):
+        for c, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            base = np.array([(c * 97) % 256, (c * 53 + 80) % 256, (c * 181 + 40) % 256])
+            for i in range(n):
+                noise = rng.integers(-40, 40, (size, size, 3))
+                img = np.clip(base + noise, 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(folder / f"{i:04d}.png")
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    return make_image_folder(tmp_path / "data")

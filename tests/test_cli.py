@@ -1,0 +1,121 @@
+"""The CLI, in-process, on a synthetic ImageFolder: what a user runs, shrunk to seconds."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cifarlab.cli import main
+from cifarlab.module import ImageClassifier
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = str(REPO / "configs" / "smoke.yaml")
+
+
+def _fit(root, run_dir, *extra):
+    main(["fit", "--config", SMOKE, "--data.root", str(root), "--run.dir", str(run_dir), *extra])
+    runs = sorted((run_dir / "smoke").glob("version_*"))
+    return runs[-1]
+
+
+def test_fit_writes_the_whole_run_directory(image_folder, tmp_path):
+    run = _fit(image_folder, tmp_path / "runs", "--trainer.max_epochs", "2")
+    for name in ("config.yaml", "metrics.csv", "test_metrics.json", "confusion_matrix.png", "curves.png",
+                 "checkpoints/last.ckpt"):
+        assert (run / name).exists(), name
+    assert list(run.glob("events.out.tfevents.*")), "no TensorBoard log"
+    best = [p for p in (run / "checkpoints").glob("epoch*.ckpt")]
+    assert len(best) == 1
+    metrics = json.loads((run / "test_metrics.json").read_text())
+    assert set(metrics["per_class_acc"]) == {"cat", "dog", "frog"}
+    assert 0.0 <= metrics["test_acc"] <= 1.0 and math.isfinite(metrics["test_loss"])
+    assert metrics["num_images"] == 18 and metrics["ckpt_path"] == str(best[0])
+    # The test accuracy agrees with its own confusion matrix and per-class numbers.
+    cm = torch.tensor(metrics["confusion_matrix"])
+    assert metrics["test_acc"] == pytest.approx((cm.diag().sum() / cm.sum()).item())
+    header = (run / "metrics.csv").read_text().splitlines()[0]
+    for col in ("train_loss_epoch", "train_acc", "val_loss", "val_acc", "train_img_per_s"):
+        assert col in header
+
+
+def test_checkpoint_alone_rebuilds_the_model(image_folder, tmp_path):
+    from cifarlab.data import CIFARDataModule
+
+    run = _fit(image_folder, tmp_path / "runs")
+    ckpt = run / "checkpoints" / "last.ckpt"
+    model = ImageClassifier.load_from_checkpoint(ckpt, map_location="cpu").eval()
+    assert model.hparams.num_classes == 3
+    dm = CIFARDataModule(root=str(image_folder), val_size=20)
+    dm.setup("fit")
+    torch.testing.assert_close(model.normalize.mean, torch.tensor(dm.mean, dtype=torch.float32))
+    # Predictions from the reloaded model equal those of `cifarlab test` on the same checkpoint.
+    x, y = dm.test_set.images, dm.test_set.labels
+    with torch.no_grad():
+        acc = (model(x).argmax(1) == y).float().mean().item()
+    main(["test", "--config", SMOKE, "--data.root", str(image_folder), "--run.dir", str(tmp_path / "runs"),
+          "--trainer.precision", "32-true", "--ckpt_path", str(ckpt)])
+    tested = sorted((tmp_path / "runs" / "smoke").glob("version_*"))[-1]
+    assert json.loads((tested / "test_metrics.json").read_text())["test_acc"] == pytest.approx(acc)
+
+
+def test_same_seed_gives_same_validation_metrics(image_folder, tmp_path):
+    import csv
+
+    runs = [_fit(image_folder, tmp_path / f"runs{i}", "--trainer.precision", "32-true") for i in range(2)]
+    val = []
+    for run in runs:
+        with open(run / "metrics.csv") as f:
+            val.append([(row["val_loss"], row["val_acc"]) for row in csv.DictReader(f) if row["val_loss"]])
+    assert val[0] and val[0] == val[1]
+
+
+def test_validate_runs_on_the_validation_split(image_folder, tmp_path, capsys):
+    run = _fit(image_folder, tmp_path / "runs")
+    main(["validate", "--config", SMOKE, "--data.root", str(image_folder), "--run.dir", str(tmp_path / "runs"),
+          "--ckpt_path", str(run / "checkpoints" / "last.ckpt")])
+    assert "val_acc" in capsys.readouterr().out
+
+
+def test_lr_find_writes_plot_and_a_finite_suggestion(image_folder, tmp_path, capsys):
+    out = tmp_path / "lr"
+    main(["lr-find", "--config", SMOKE, "--data.root", str(image_folder), "--num_iter", "12",
+          "--data.batch_size", "8", "--out", str(out)])
+    assert (out / "lr_find.png").stat().st_size > 10_000
+    text = (out / "suggested_lr.yaml").read_text()
+    lr = float(text.split("lr:")[1])
+    assert math.isfinite(lr) and 1e-7 <= lr <= 10
+    printed = capsys.readouterr().out
+    assert f"--model.lr {lr:.4g}" in printed
+
+
+def test_stats_prints_mean_std_and_writes_a_preview(image_folder, tmp_path, capsys):
+    main(["stats", "--data.root", str(image_folder), "--data.val_size", "6", "--out", str(tmp_path / "s")])
+    out = capsys.readouterr().out
+    assert "mean: [" in out and "std:  [" in out
+    assert (tmp_path / "s" / "augmentations.png").exists()
+    assert list((image_folder / ".cifarlab-cache").glob("stats-*.json"))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["fit", "--config", SMOKE, "--data.root", "/nonexistent/cifar"], "does not exist"),
+    (["stats", "--data.root", "/nonexistent/cifar"], "does not exist"),
+])
+def test_bad_data_is_one_line_and_exit_2(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("cifarlab: error:") and message in err[0]
+
+
+def test_console_script_reports_bad_data_without_traceback(tmp_path):
+    (tmp_path / "photos").mkdir()
+    proc = subprocess.run([sys.executable, "-m", "cifarlab.cli", "fit", "--config", SMOKE,
+                           "--data.root", str(tmp_path)], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert "not a train/test ImageFolder" in proc.stderr.strip().splitlines()[-1]

@@ -1,0 +1,50 @@
+import pytest
+import torch
+
+from cifarlab.models import CustomResNet, Residual, build_model
+
+
+def test_custom_resnet_has_the_published_parameter_count():
+    assert sum(p.numel() for p in CustomResNet().parameters()) == 6_573_120
+
+
+@pytest.mark.parametrize("num_classes", [10, 3])
+def test_output_shape(num_classes):
+    net = CustomResNet(num_classes=num_classes).eval()
+    assert net(torch.randn(5, 3, 32, 32)).shape == (5, num_classes)
+
+
+def test_residual_adds_its_input():
+    torch.manual_seed(0)
+    res = Residual(8).eval()
+    x = torch.randn(2, 8, 4, 4)
+    expected = x + res.block(x)
+    torch.testing.assert_close(res(x), expected)
+    # With the block silenced (last BN outputs 0 -> ReLU 0) only the skip path is left: output == input.
+    bn = res.block[1][1]
+    torch.nn.init.zeros_(bn.weight)
+    torch.nn.init.zeros_(bn.bias)
+    torch.testing.assert_close(res(x), x)
+
+
+def test_logit_scale_multiplies_logits():
+    torch.manual_seed(0)
+    a = CustomResNet(logit_scale=1.0).eval()
+    b = CustomResNet(logit_scale=0.125).eval()
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(b(x), a(x) * 0.125)
+
+
+def test_build_model_rejects_unknown_name():
+    with pytest.raises(ValueError, match="unknown architecture"):
+        build_model("resnet1000", 10)
+
+
+def test_models_module_does_not_import_lightning():
+    import subprocess
+    import sys
+
+    code = "import sys, cifarlab.models; print('lightning' in sys.modules or 'pytorch_lightning' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -1,0 +1,104 @@
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cifarlab.transforms import (
+    AugmentConfig,
+    BatchAugment,
+    Normalize,
+    albumentations_pipeline,
+    mean_fill,
+    pil_to_uint8,
+)
+
+MEAN = (0.4913, 0.4821, 0.4465)
+
+
+def _images(n=16, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+
+
+def test_albumentations_output_is_uint8_chw():
+    out = albumentations_pipeline(AugmentConfig(), MEAN, seed=0)(image=_images(1)[0])["image"]
+    assert out.shape == (3, 32, 32) and out.dtype == torch.uint8
+
+
+def test_albumentations_cutout_fills_with_the_mean():
+    cfg = AugmentConfig(pad=0, flip=False, cutout_holes=1, cutout_size=8, cutout_p=1.0)
+    # An image with no pixel equal to the fill colour: every fill-coloured pixel is cutout's.
+    img = np.zeros((32, 32, 3), dtype=np.uint8)
+    out = albumentations_pipeline(cfg, MEAN, seed=0)(image=img)["image"].permute(1, 2, 0).numpy()
+    filled = (out == np.array(mean_fill(MEAN))).all(-1)
+    assert filled.sum() == 64  # exactly one 8x8 hole, holding the mean colour
+
+
+def test_albumentations_is_reproducible_with_a_seed():
+    img = _images(1)[0]
+    a = [albumentations_pipeline(AugmentConfig(), MEAN, seed=7)(image=img)["image"] for _ in range(2)]
+    b = albumentations_pipeline(AugmentConfig(), MEAN, seed=8)(image=img)["image"]
+    assert torch.equal(a[0], a[1])
+    assert not torch.equal(a[0], b)
+
+
+def test_albumentations_strict_rejects_old_argument_names():
+    import albumentations as A
+
+    with pytest.raises(ValueError, match="max_holes"):
+        A.Compose([A.CoarseDropout(max_holes=8)], strict=True)
+
+
+def test_batch_augment_cutout_fills_with_the_mean():
+    cfg = AugmentConfig(pad=0, flip=False, cutout_holes=1, cutout_size=8, cutout_p=1.0)
+    x = torch.zeros(4, 3, 32, 32, dtype=torch.uint8)
+    out = BatchAugment(cfg, MEAN)(x)
+    filled = (out == torch.tensor(mean_fill(MEAN)).view(1, 3, 1, 1)).all(1)  # (B, H, W)
+    assert filled.sum(dim=(1, 2)).tolist() == [64] * 4
+
+
+def test_batch_augment_translation_matches_reflect_pad_and_crop():
+    cfg = AugmentConfig(pad=4, flip=False, cutout_size=0)
+    x = torch.from_numpy(_images(8)).permute(0, 3, 1, 2).contiguous()
+    torch.manual_seed(3)
+    out = BatchAugment(cfg, MEAN)(x)
+    padded = F.pad(x, (4, 4, 4, 4), mode="reflect")
+    for i in range(len(x)):
+        crops = [padded[i, :, dy:dy + 32, dx:dx + 32] for dy in range(9) for dx in range(9)]
+        assert any(torch.equal(out[i], c) for c in crops), f"image {i} is not a reflect-padded crop"
+
+
+def test_batch_augment_flip_only_flips():
+    cfg = AugmentConfig(pad=0, flip=True, cutout_size=0)
+    x = torch.from_numpy(_images(64)).permute(0, 3, 1, 2).contiguous()
+    out = BatchAugment(cfg, MEAN)(x)
+    same = (out == x).flatten(1).all(1)
+    flipped = (out == x.flip(3)).flatten(1).all(1)
+    assert bool((same | flipped).all())
+    assert 10 < int(flipped.sum()) < 54  # about half
+
+
+def test_batch_augment_is_reproducible_with_a_seed():
+    x = torch.from_numpy(_images(8)).permute(0, 3, 1, 2).contiguous()
+    aug = BatchAugment(AugmentConfig(), MEAN)
+    torch.manual_seed(0)
+    a = aug(x)
+    torch.manual_seed(0)
+    b = aug(x)
+    assert torch.equal(a, b) and not torch.equal(a, x)
+
+
+def test_normalize_maps_the_mean_colour_to_zero():
+    std = (0.25, 0.25, 0.26)
+    norm = Normalize(MEAN, std)
+    x = torch.tensor(MEAN).view(1, 3, 1, 1) * 255
+    torch.testing.assert_close(norm(x), torch.zeros(1, 3, 1, 1), atol=1e-5, rtol=0)
+    white = norm(torch.full((1, 3, 1, 1), 255, dtype=torch.uint8)).flatten()
+    torch.testing.assert_close(white, (1 - torch.tensor(MEAN)) / torch.tensor(std))
+
+
+def test_pil_to_uint8_converts_mode_and_size():
+    from PIL import Image
+
+    img = Image.new("L", (100, 60), color=200)
+    out = pil_to_uint8(img)
+    assert out.shape == (32, 32, 3) and out.dtype == np.uint8 and (out == 200).all()
