@@ -105,7 +105,7 @@ def stats_main(argv: list[str]) -> None:
     extra.add_argument("--out", default=None, help="Where to write augmentations.png (default <run.dir>/stats).")
     extra.add_argument("--num_images", type=int, default=32)
     opts, rest = extra.parse_known_args(argv)
-    cli = CifarLabCLI(args=rest, run=False)
+    cli = CifarLabCLI(args=rest, run=False, save_config_callback=None)
     dm = cli.datamodule
     dm.prepare_data()
     dm.setup("fit")
@@ -133,7 +133,7 @@ def lr_find_main(argv: list[str]) -> None:
     extra.add_argument("--num_iter", type=int, default=200)
     extra.add_argument("--out", default=None, help="Output folder (default <run.dir>/<run.name>/lr_find).")
     opts, rest = extra.parse_known_args(argv)
-    cli = CifarLabCLI(args=rest, run=False)
+    cli = CifarLabCLI(args=rest, run=False, save_config_callback=None)  # the sweep is no run: no config.yaml
     out = Path(opts.out or Path(cli.config["run"]["dir"]) / cli.config["run"]["name"] / "lr_find")
     result = lr_range_test(cli.trainer, cli.model, cli.datamodule, out, opts.min_lr, opts.max_lr, opts.num_iter)
     print(f"suggested max LR: {result['lr']:.4g}  (plot: {result['plot']})")
