@@ -82,14 +82,21 @@ def test_validate_runs_on_the_validation_split(image_folder, tmp_path, capsys):
 
 def test_lr_find_writes_plot_and_a_finite_suggestion(image_folder, tmp_path, capsys):
     out = tmp_path / "lr"
-    main(["lr-find", "--config", SMOKE, "--data.root", str(image_folder), "--num_iter", "12",
-          "--data.batch_size", "8", "--out", str(out)])
+    main(["lr-find", "--config", SMOKE, "--data.root", str(image_folder), "--num_iter", "40",
+          "--data.batch_size", "2", "--out", str(out)])
     assert (out / "lr_find.png").stat().st_size > 10_000
     text = (out / "suggested_lr.yaml").read_text()
     lr = float(text.split("lr:")[1])
     assert math.isfinite(lr) and 1e-7 <= lr <= 10
     printed = capsys.readouterr().out
     assert f"--model.lr {lr:.4g}" in printed
+
+
+def test_lr_find_with_too_few_points_is_one_line(image_folder, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["lr-find", "--config", SMOKE, "--data.root", str(image_folder), "--num_iter", "6"])
+    assert exit_.value.code == 2
+    assert "too few" in capsys.readouterr().err
 
 
 def test_stats_prints_mean_std_and_writes_a_preview(image_folder, tmp_path, capsys):

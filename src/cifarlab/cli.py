@@ -23,7 +23,8 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from cifarlab.callbacks import EpochSpeed, TestReport
-from cifarlab.data import CIFARDataModule, DataError
+from cifarlab.data import CIFARDataModule
+from cifarlab.errors import CifarlabError
 from cifarlab.module import ImageClassifier
 
 
@@ -155,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
             commands[argv[0]](argv[1:])
         else:
             CifarLabCLI(args=argv)
-    except DataError as err:
+    except CifarlabError as err:
         print(f"cifarlab: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt:

@@ -24,16 +24,13 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from cifarlab.errors import DataError
 from cifarlab.stats import cached_channel_stats
 from cifarlab.transforms import IMAGE_SIZE, AugmentConfig, BatchAugment, albumentations_pipeline, pil_to_uint8
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 DEFAULT_CIFAR10_ROOT = "~/.cache/cifarlab/cifar10"
-
-
-class DataError(Exception):
-    """A problem with the user's data, reported as one line that says what is wrong and what to do."""
 
 
 @dataclass
