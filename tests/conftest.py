@@ -33,3 +33,18 @@ def make_image_folder(root: Path, classes=("cat", "dog", "frog"), n_train: int =
 @pytest.fixture
 def image_folder(tmp_path: Path) -> Path:
     return make_image_folder(tmp_path / "data")
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+    """A tiny trained run on a synthetic 3-class folder: ``(data_root, run_dir, best_ckpt)``."""
+    from cifarlab.cli import main
+
+    base = tmp_path_factory.mktemp("smoke")
+    root = make_image_folder(base / "data")
+    config = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
+    main(["fit", "--config", str(config), "--data.root", str(root), "--run.dir", str(base / "runs"),
+          "--trainer.max_epochs", "2"])
+    run = base / "runs" / "smoke" / "version_0"
+    best = next(p for p in (run / "checkpoints").glob("epoch*.ckpt"))
+    return root, run, best

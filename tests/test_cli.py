@@ -53,7 +53,7 @@ def test_checkpoint_alone_rebuilds_the_model(image_folder, tmp_path):
     dm.setup("fit")
     torch.testing.assert_close(model.normalize.mean, torch.tensor(dm.mean, dtype=torch.float32))
     # Predictions from the reloaded model equal those of `cifarlab test` on the same checkpoint.
-    x, y = dm.test_set.images, dm.test_set.labels
+    x, y = dm.test_set.batch(range(len(dm.test_set)))
     with torch.no_grad():
         acc = (model(x).argmax(1) == y).float().mean().item()
     main(["test", "--config", SMOKE, "--data.root", str(image_folder), "--run.dir", str(tmp_path / "runs"),

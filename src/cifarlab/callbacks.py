@@ -13,7 +13,8 @@ from cifarlab import report
 
 
 class TestReport(L.Callback):
-    """After ``test``: ``test_metrics.json``, ``confusion_matrix.png`` and ``curves.png`` in the run directory."""
+    """After ``test``: ``test_metrics.json``, ``test_predictions.npz``, ``confusion_matrix.png`` and ``curves.png``
+    in the run directory."""
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         confmat = pl_module.test_confmat.compute().cpu().numpy()  # every rank takes part in the sync
@@ -23,9 +24,15 @@ class TestReport(L.Callback):
         out.mkdir(parents=True, exist_ok=True)
         dm = trainer.datamodule
         classes = getattr(dm, "classes", None) or [str(i) for i in range(len(confmat))]
-        metrics = report.test_metrics(confmat, classes, float(trainer.callback_metrics.get("test_loss", float("nan"))))
+        test_loss = float(trainer.callback_metrics.get("test_loss", float("nan")))
+        metrics = report.metrics_from_confusion(confmat, classes, test_loss)
         metrics["ckpt_path"] = trainer.ckpt_path
         report.write_json(metrics, out / "test_metrics.json")
+        probs = getattr(pl_module, "test_probs", None)
+        if probs and trainer.world_size == 1 and getattr(dm, "test_set", None) is not None:
+            # The app and `cifarlab report` reuse these instead of running the test set again.
+            report.save_predictions(out / "test_predictions.npz", torch.cat(probs).numpy(),
+                                    dm.test_set.labels.numpy(), classes, trainer.ckpt_path or "")
         report.plot_confusion(confmat, classes, out / "confusion_matrix.png")
         csv_file = out / "metrics.csv"
         if csv_file.exists():

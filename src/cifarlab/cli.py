@@ -3,9 +3,12 @@
   cifarlab stats    [--config RECIPE] [--data.root DIR]    mean/std of the training split + augmentation preview
   cifarlab lr-find  --config RECIPE [--num_iter 200] ...     LR range test -> plot + suggested --model.lr
   cifarlab fit      --config RECIPE [--data.root DIR] ...    train, then test the best checkpoint
-  cifarlab validate|test|predict --config RECIPE --ckpt_path PATH
+  cifarlab validate|test --config RECIPE --ckpt_path PATH
+  cifarlab app      --ckpt PATH [--data.root DIR] [--host 127.0.0.1] [--port 7860]   Grad-CAM web app
+  cifarlab predict  IMAGE... --ckpt PATH [--top_k 3]         top-k classes as JSON lines
+  cifarlab report   --ckpt PATH [--data.root DIR] [--out DIR]  HTML report with curves, confusion, mistakes
 
-fit/validate/test/predict are LightningCLI's: every typed ``__init__`` argument of ``ImageClassifier``,
+fit/validate/test are LightningCLI's: every typed ``__init__`` argument of ``ImageClassifier``,
 ``CIFARDataModule`` and ``Trainer`` is a flag (``--model.lr``, ``--data.batch_size``, ``--trainer.max_epochs``).
 """
 
@@ -41,6 +44,13 @@ class CifarLabCLI(LightningCLI):
                                             "formatter_class": argparse.RawDescriptionHelpFormatter})
         super().__init__(ImageClassifier, CIFARDataModule, **kwargs)
 
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """fit, validate and test; ``cifarlab predict`` is ours (image files in, JSON lines out)."""
+        commands = LightningCLI.subcommands()
+        commands.pop("predict", None)
+        return commands
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--run.dir", type=str, default="runs", help="Where run directories are created.")
         parser.add_argument("--run.name", type=str, default="default",
@@ -50,7 +60,7 @@ class CifarLabCLI(LightningCLI):
                              "checkpoint.filename": "epoch{epoch:02d}-val_acc{val_acc:.4f}",
                              "checkpoint.auto_insert_metric_name": False})
         # The head's size follows the data: folders with other class counts just work.
-        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+        parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
 
     def instantiate_trainer(self, **kwargs):
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
@@ -96,16 +106,24 @@ def tune_malloc() -> None:
         pass  # not glibc (e.g. musl): keep the defaults
 
 
+def _parse_extra(extra: argparse.ArgumentParser, argv: list[str]):
+    """Split our own options off ``argv``; the rest is the recipe's, for LightningCLI."""
+    if "-h" in argv or "--help" in argv:
+        print(extra.format_help())  # LightningCLI prints the recipe's options next, and exits
+    return extra.parse_known_args(argv)
+
+
 def stats_main(argv: list[str]) -> None:
     """``cifarlab stats``: print mean/std of the training split, write an augmentation preview grid."""
     import numpy as np
 
     from cifarlab.report import save_image_grid
 
-    extra = argparse.ArgumentParser(add_help=False)
+    extra = argparse.ArgumentParser(prog="cifarlab stats", add_help=False,
+                                    description="Options of `cifarlab stats` (then the recipe's, below):")
     extra.add_argument("--out", default=None, help="Where to write augmentations.png (default <run.dir>/stats).")
-    extra.add_argument("--num_images", type=int, default=32)
-    opts, rest = extra.parse_known_args(argv)
+    extra.add_argument("--num_images", type=int, default=32, help="Images in the preview grid.")
+    opts, rest = _parse_extra(extra, argv)
     cli = CifarLabCLI(args=rest, run=False, save_config_callback=None)
     dm = cli.datamodule
     dm.prepare_data()
@@ -117,7 +135,7 @@ def stats_main(argv: list[str]) -> None:
     out = Path(opts.out or Path(cli.config["run"]["dir"]) / "stats")
     out.mkdir(parents=True, exist_ok=True)
     n = min(opts.num_images, len(dm.train_set))
-    x, y = dm.train_set.images[:n], dm.train_set.labels[:n]  # raw uint8; augmented below by the recipe's back end
+    x, y = dm.train_set.batch(range(n))  # raw uint8, augmented below by the recipe's back end
     aug = dm.train_transform()(x)
     save_image_grid(aug.numpy(), [dm.classes[i] for i in y.tolist()], out / "augmentations.png",
                     title=f"training augmentation ({dm.augment.backend})")
@@ -128,18 +146,88 @@ def lr_find_main(argv: list[str]) -> None:
     """``cifarlab lr-find``: LR range test on the recipe's model and data."""
     from cifarlab.lr_find import lr_range_test
 
-    extra = argparse.ArgumentParser(add_help=False)
-    extra.add_argument("--min_lr", type=float, default=1e-7)
-    extra.add_argument("--max_lr", type=float, default=10.0)
-    extra.add_argument("--num_iter", type=int, default=200)
+    extra = argparse.ArgumentParser(prog="cifarlab lr-find", add_help=False,
+                                    description="Options of `cifarlab lr-find` (then the recipe's, below):")
+    extra.add_argument("--min_lr", type=float, default=1e-7, help="First LR of the sweep.")
+    extra.add_argument("--max_lr", type=float, default=10.0, help="Last LR of the sweep.")
+    extra.add_argument("--num_iter", type=int, default=200, help="Batches in the sweep (LR grows exponentially).")
     extra.add_argument("--out", default=None, help="Output folder (default <run.dir>/<run.name>/lr_find).")
-    opts, rest = extra.parse_known_args(argv)
+    opts, rest = _parse_extra(extra, argv)
     cli = CifarLabCLI(args=rest, run=False, save_config_callback=None)  # the sweep is no run: no config.yaml
     out = Path(opts.out or Path(cli.config["run"]["dir"]) / cli.config["run"]["name"] / "lr_find")
     result = lr_range_test(cli.trainer, cli.model, cli.datamodule, out, opts.min_lr, opts.max_lr, opts.num_iter)
     print(f"suggested max LR: {result['lr']:.4g}  (plot: {result['plot']})")
     print(f"train with it:    cifarlab fit {' '.join(rest)} --model.lr {result['lr']:.4g}")
     print(f"              or: cifarlab fit {' '.join(rest)} --config {result['config']}")
+
+
+def _ckpt_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--ckpt", required=True, help="A checkpoint written by `cifarlab fit`.")
+    parser.add_argument("--data.root", dest="root", default=None,
+                        help="Test data (ImageFolder root); default: the data the checkpoint was trained on.")
+    parser.add_argument("--data.source", dest="source", default="auto", choices=["auto", "cifar10", "folder"])
+    return parser
+
+
+def app_main(argv: list[str]) -> None:
+    """``cifarlab app``: the Gradio page, on 127.0.0.1 unless asked otherwise."""
+    parser = _ckpt_parser("cifarlab app", "Serve the Grad-CAM web app for a checkpoint.")
+    parser.add_argument("--host", default="127.0.0.1", help="Interface to bind (0.0.0.0 exposes it to the network).")
+    parser.add_argument("--port", type=int, default=7860)
+    opts = parser.parse_args(argv)
+    try:
+        from cifarlab.app import CifarApp, launch
+    except ImportError as err:
+        raise CifarlabError(f"the app needs its extras ({err.name} is missing): pip install -e '.[app]'") from None
+
+    app = CifarApp(opts.ckpt, opts.root, opts.source)
+    print(f"cifarlab app: http://{opts.host}:{opts.port}  (Ctrl-C to stop)")
+    launch(app, opts.host, opts.port, block=True)
+
+
+def predict_main(argv: list[str]) -> None:
+    """``cifarlab predict``: top-k classes of image files, one JSON line each."""
+    import json
+
+    import torch
+
+    from cifarlab.inference import ImageError, classify, decode_upload, load_classifier, model_input
+
+    parser = argparse.ArgumentParser(prog="cifarlab predict", description="Classify image files (JSON lines).")
+    parser.add_argument("images", nargs="+", help="Image files (any size and common format).")
+    parser.add_argument("--ckpt", required=True, help="A checkpoint written by `cifarlab fit`.")
+    parser.add_argument("--top_k", type=int, default=3)
+    opts = parser.parse_args(argv)
+    model = load_classifier(opts.ckpt)
+    failed = 0
+    for path in opts.images:
+        try:
+            probs = classify(model, model_input(decode_upload(path)))[0]
+        except (ImageError, OSError) as err:
+            failed += 1
+            print(json.dumps({"image": path, "error": str(err)}), flush=True)
+            continue
+        top = torch.topk(probs, min(opts.top_k, len(probs)))
+        print(json.dumps({"image": path, "top_k": [{"class": model.class_names[i], "prob": round(float(p), 5)}
+                                                   for p, i in zip(top.values.tolist(), top.indices.tolist())]}))
+    if failed:
+        raise SystemExit(1)
+
+
+def report_main(argv: list[str]) -> None:
+    """``cifarlab report``: a self-contained HTML report folder for a checkpoint."""
+    from cifarlab.inference import eval_datamodule, load_classifier, predict_test_set
+    from cifarlab.report import write_report
+
+    parser = _ckpt_parser("cifarlab report", "Write an HTML report (curves, confusion matrix, mistakes + CAMs).")
+    parser.add_argument("--out", default=None, help="Output folder (default: <run dir>/report).")
+    parser.add_argument("--count", type=int, default=32, help="Most-confidently-wrong images shown.")
+    opts = parser.parse_args(argv)
+    model = load_classifier(opts.ckpt)
+    test = predict_test_set(model, opts.ckpt, eval_datamodule(model, opts.root, opts.source))
+    out = Path(opts.out) if opts.out else Path(opts.ckpt).resolve().parent.parent / "report"
+    print(f"report: {write_report(model, test, Path(opts.ckpt), out, opts.count)}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -150,7 +238,8 @@ def main(argv: list[str] | None = None) -> None:
     # Both loggers share the run directory on purpose; the CSV logger only rewrites its own metrics.csv.
     warnings.filterwarnings("ignore", message=".*Experiment logs directory .* exists and is not empty.*")
     tune_malloc()
-    commands = {"stats": stats_main, "lr-find": lr_find_main, "lr_find": lr_find_main}
+    commands = {"stats": stats_main, "lr-find": lr_find_main, "lr_find": lr_find_main, "app": app_main,
+                "predict": predict_main, "report": report_main}
     try:
         if argv and argv[0] in commands:
             commands[argv[0]](argv[1:])

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -166,15 +166,16 @@ def stratified_split(labels: np.ndarray, val_size: int, seed: int) -> tuple[np.n
 
 
 class ImageArrayDataset(Dataset):
-    """Serves ``(image (3, 32, 32) uint8, label)`` from in-memory arrays.
+    """Serves ``(image (3, 32, 32) uint8, label)`` from in-memory ``(N, 32, 32, 3)`` uint8 arrays.
 
     Without a per-sample transform, ``__getitems__`` hands the DataLoader a whole batch by one fancy-index
-    (microseconds) instead of collating 512 single images.
+    (microseconds) instead of collating 512 single images. Batches are NHWC memory seen as ``(B, 3, H, W)``:
+    exactly the channels-last layout the model runs in, so no copy is made to get there.
     """
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, transform=None):
-        self.images = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous()
-        self.images_hwc = images
+        self.images = images  # (N, H, W, 3) uint8, shared with the tensor view below
+        self._pixels = torch.from_numpy(images)
         self.labels = torch.from_numpy(labels)
         self.transform = transform
         self._seeded_pid = None
@@ -182,20 +183,24 @@ class ImageArrayDataset(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
+    def batch(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw (never augmented) images ``(B, 3, H, W)`` uint8 and labels ``(B,)`` at ``indices``."""
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return self._pixels[idx].permute(0, 3, 1, 2), self.labels[idx]
+
     def __getitem__(self, i: int):
         if self.transform is None:
-            return self.images[i], self.labels[i]
+            return self._pixels[i].permute(2, 0, 1), self.labels[i]
         if self._seeded_pid != os.getpid():
             # albumentations keeps its own RNG: derive it from torch's, which seed_everything and the
             # DataLoader set per worker, so runs are reproducible and workers do not repeat each other.
             self.transform.set_random_seed(torch.initial_seed() % 2**32)
             self._seeded_pid = os.getpid()
-        return self.transform(image=self.images_hwc[i])["image"], self.labels[i]
+        return self.transform(image=self.images[i])["image"], self.labels[i]
 
     def __getitems__(self, indices: list[int]):
         if self.transform is None:
-            idx = torch.as_tensor(indices)
-            return self.images[idx], self.labels[idx]
+            return self.batch(indices)
         return torch.utils.data.default_collate([self[i] for i in indices])
 
 
@@ -234,14 +239,17 @@ class CIFARDataModule(L.LightningDataModule):
         cache_dir: str | None = None,
     ):
         super().__init__()
-        self.save_hyperparameters()
+        augment = AugmentConfig(**augment) if isinstance(augment, dict) else (augment or AugmentConfig())
+        # Plain types only in checkpoints, so they load with torch.load(weights_only=True).
+        self.save_hyperparameters(ignore=["augment"])
+        self.hparams["augment"] = asdict(augment)
         self.root = root
         self.source = ("folder" if root else "cifar10") if source == "auto" else source
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.val_size = val_size
         self.split_seed = split_seed
-        self.augment = augment or AugmentConfig()
+        self.augment = augment
         self.num_workers = num_workers
         self._cache_dir = cache_dir
         # Filled by setup(): nothing is loaded before it (prepare_data may run on another process).
@@ -271,9 +279,13 @@ class CIFARDataModule(L.LightningDataModule):
         return Path("~/.cache/cifarlab").expanduser() / f"{self.data_root.name}-{digest}"
 
     @property
+    def class_names(self) -> list[str]:
+        """Known without loading any image (the CLI hands them to the model, so checkpoints carry them)."""
+        return list(CIFAR10_CLASSES) if self.source == "cifar10" else folder_classes(self.data_root)
+
+    @property
     def num_classes(self) -> int:
-        """Known without loading any image (read by the CLI to size the model's head)."""
-        return len(CIFAR10_CLASSES) if self.source == "cifar10" else len(folder_classes(self.data_root))
+        return len(self.class_names)
 
     # -- Lightning hooks
     def prepare_data(self) -> None:

@@ -21,7 +21,8 @@ class ImageClassifier(L.LightningModule):
 
     Args:
         arch: network name from ``cifarlab.models.ARCHITECTURES``.
-        num_classes: output classes (the CLI links it to the data).
+        num_classes: output classes, when ``class_names`` is not given.
+        class_names: names of the classes, in label order (the CLI takes them from the data).
         logit_scale: logits multiplier (Page's recipe: 0.125).
         optimizer: ``adam`` (the seed) or ``sgd`` (Nesterov momentum).
         lr: peak learning rate of the OneCycle schedule (``cifarlab lr-find`` suggests one).
@@ -43,6 +44,7 @@ class ImageClassifier(L.LightningModule):
         self,
         arch: str = "custom_resnet",
         num_classes: int = 10,
+        class_names: list[str] | None = None,
         logit_scale: float = 1.0,
         optimizer: Literal["adam", "sgd"] = "adam",
         lr: float = 0.01,
@@ -60,7 +62,11 @@ class ImageClassifier(L.LightningModule):
         channels_last: bool = True,
     ):
         super().__init__()
+        if class_names is not None:
+            num_classes = len(class_names)
         self.save_hyperparameters()
+        self.hparams.num_classes = num_classes
+        self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
         self.normalize = Normalize()
         self.net = build_model(arch, num_classes, logit_scale=logit_scale)
         if channels_last:
@@ -105,9 +111,11 @@ class ImageClassifier(L.LightningModule):
 
     def on_test_epoch_start(self) -> None:
         self.test_confmat.reset()
+        self.test_probs: list[torch.Tensor] = []  # (B, K) per batch, for the saved predictions
 
     def test_step(self, batch, batch_idx: int) -> None:
         logits, y, loss = self._step(batch)
+        self.test_probs.append(logits.float().softmax(1).cpu())
         self.test_acc(logits, y)
         self.test_confmat.update(logits.argmax(1), y)
         self.log("test_loss", loss)

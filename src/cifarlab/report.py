@@ -23,7 +23,16 @@ def write_json(data: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def test_metrics(confmat: np.ndarray, classes: list[str], test_loss: float) -> dict:
+def save_predictions(path: Path, probs: np.ndarray, labels: np.ndarray, classes: list[str], ckpt_path: str) -> None:
+    """Test-set class probabilities ``(N, K)`` (float16), true labels and the checkpoint they came from."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, probs=probs.astype(np.float16), labels=labels.astype(np.int64), classes=np.array(classes),
+             ckpt_path=np.array(str(ckpt_path)))
+    os.replace(tmp, path)
+
+
+def metrics_from_confusion(confmat: np.ndarray, classes: list[str], test_loss: float) -> dict:
     """``test_acc``, ``test_loss`` and per-class accuracy from a ``(K, K)`` confusion matrix (rows = truth)."""
     confmat = np.asarray(confmat, dtype=np.int64)
     per_class = confmat.diagonal() / np.maximum(confmat.sum(1), 1)
@@ -110,3 +119,59 @@ def save_image_grid(images: np.ndarray, captions: list[str], path: Path, cols: i
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def write_report(model, test, ckpt_path: Path, out: Path, count: int = 32, layer: str | None = None,
+                 method: str = "Grad-CAM") -> Path:
+    """A self-contained report folder: ``index.html`` and its PNGs (curves, LR finder, confusion matrix,
+    per-class accuracy, the most-confidently-wrong test images with their CAMs). Returns the HTML path."""
+    import html
+    import shutil
+
+    import torch
+
+    from cifarlab import cam as cams
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    run_dir = Path(ckpt_path).resolve().parent.parent
+    classes = list(model.class_names)
+    cm = test.confusion_matrix()
+    plot_confusion(cm, classes, out / "confusion_matrix.png")
+    sections = []
+    curves = run_dir / "curves.png"
+    if not curves.exists() and (run_dir / "metrics.csv").exists():
+        plot_curves(run_dir / "metrics.csv", out / "curves.png")
+    elif curves.exists():
+        shutil.copy(curves, out / "curves.png")
+    if (out / "curves.png").exists():
+        sections.append("<h2>Training curves</h2><img src='curves.png' alt='loss and accuracy per epoch'>")
+    lr_plot = run_dir.parent / "lr_find" / "lr_find.png"
+    if lr_plot.exists():
+        shutil.copy(lr_plot, out / "lr_find.png")
+        sections.append("<h2>LR range test</h2><img src='lr_find.png' alt='LR finder'>")
+    acc = cm.diagonal().sum() / max(cm.sum(), 1)
+    per_class = cm.diagonal() / np.maximum(cm.sum(1), 1)
+    rows = "".join(f"<tr><td>{html.escape(c)}</td><td>{a:.1%}</td><td>{int(n)}</td></tr>"
+                   for c, a, n in zip(classes, per_class, cm.sum(1)))
+    sections.append(f"<h2>Test set: {acc:.2%} of {int(cm.sum())} images</h2>"
+                    "<img src='confusion_matrix.png' alt='confusion matrix'>"
+                    f"<table><tr><th>class</th><th>accuracy</th><th>images</th></tr>{rows}</table>")
+    wrong = np.flatnonzero(test.preds != test.labels)
+    wrong = wrong[np.argsort(-test.confidence[wrong], kind="stable")][:count]
+    if len(wrong):
+        layers = cams.target_layers(model.net)
+        layer = layer if layer in layers else next(iter(layers))
+        x = torch.from_numpy(test.images[wrong]).permute(0, 3, 1, 2).contiguous()
+        maps = cams.compute_cams(model, x, layers[layer], method, test.preds[wrong].tolist())
+        overlays = np.stack([cams.overlay(test.images[i], m, 0.5, 96) for i, m in zip(wrong, maps)])
+        captions = [f"{classes[test.labels[i]]} -> {classes[test.preds[i]]} {test.confidence[i]:.0%}" for i in wrong]
+        save_image_grid(overlays, captions, out / "mistakes.png",
+                        title=f"Most confidently wrong (true -> predicted), {method} on {layer}")
+        sections.append("<h2>Most confidently wrong</h2><img src='mistakes.png' alt='mistakes with CAMs'>")
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>cifarlab report</title><style>"
+            "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto}img{max-width:100%}"
+            "td,th{padding:2px 12px;text-align:left}</style></head><body><h1>cifarlab report</h1>"
+            f"<p>Checkpoint <code>{html.escape(str(ckpt_path))}</code></p>{''.join(sections)}</body></html>")
+    (out / "index.html").write_text(page)
+    return out / "index.html"

@@ -1,0 +1,293 @@
+"""The Gradio app: classify any image with its Grad-CAM, browse the test set's mistakes and successes.
+
+    cifarlab app --ckpt runs/seed/version_0/checkpoints/last.ckpt [--data.root DIR] [--host 127.0.0.1] [--port 7860]
+
+Named API endpoints (see the README): ``/classify``, ``/mistakes``, ``/correct``.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Gradio and huggingface_hub call home on import/launch unless told not to: this app runs offline.
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import gradio as gr  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from cifarlab import cam as cams  # noqa: E402
+from cifarlab.inference import (  # noqa: E402
+    MAX_IMAGE_BYTES,
+    ImageError,
+    Predictions,
+    classify,
+    decode_upload,
+    eval_datamodule,
+    load_classifier,
+    model_input,
+    predict_test_set,
+)
+from cifarlab.report import plot_confusion  # noqa: E402
+
+PANEL = 224  # pixels: side of each image panel (the 32x32 input upscaled 7x)
+THUMB = 128  # pixels: gallery thumbnails
+ANY = "any"
+# System fonts: the default theme fetches Google Fonts, and the page must request nothing off this machine.
+THEME = gr.themes.Soft(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
+
+
+def raw_upload(component: gr.Image) -> gr.Image:
+    """Make an image upload hand the handler the file untouched (its path, or bytes for a pasted image).
+
+    ``gr.Image`` opens every upload with PIL before the handler runs, so a non-image fails with a raw PIL
+    message and no pixel limit applies first; ``inference.decode_upload`` does both, with clear messages.
+    (Overridden on the instance: a gr.Image subclass would make Gradio write a .pyi stub into the package.)
+    """
+
+    def preprocess(payload):
+        if payload is None:
+            return None
+        if payload.path:
+            return payload.path
+        if payload.url and payload.url.startswith("data:"):
+            import base64
+
+            return base64.b64decode(payload.url.split(",", 1)[1])
+        return None
+
+    component.preprocess = preprocess
+    return component
+
+
+class CifarApp:
+    """The model and the test-set predictions behind the page; every handler of the page is a method here."""
+
+    def __init__(self, ckpt_path: str | Path, data_root: str | None = None, source: str = "auto"):
+        self.ckpt_path = Path(ckpt_path)
+        self.model = load_classifier(self.ckpt_path)
+        self.classes = list(self.model.class_names)
+        self.layers = cams.target_layers(self.model.net)
+        # The test set: the given root, else the training data if it is at hand (else the page only classifies).
+        dm = eval_datamodule(self.model, data_root, source, required=data_root is not None)
+        self.test: Predictions | None = predict_test_set(self.model, self.ckpt_path, dm) if dm else None
+        self.run_dir = self.ckpt_path.resolve().parent.parent
+        self._files = tempfile.TemporaryDirectory(prefix="cifarlab-app-")
+
+    # ------------------------------------------------------------------ classify
+    def classify_image(self, image, top_k: int = 3, opacity: float = 0.5, layer: str | None = None,
+                       method: str = "Grad-CAM"):
+        """Upload -> (top-k label dict, 32x32 input, CAM, overlay, faithfulness text)."""
+        if image is None:
+            raise gr.Error("Upload an image first.")
+        try:
+            pixels = decode_upload(image)
+        except ImageError as err:
+            raise gr.Error(str(err)) from None
+        except OSError as err:
+            raise gr.Error(f"the upload could not be read ({err})") from None
+        x = model_input(pixels)  # (1, 3, 32, 32) uint8: exactly what the model sees
+        probs = classify(self.model, x)[0]
+        top_k = int(max(1, min(int(top_k), len(self.classes))))
+        top = torch.topk(probs, top_k)
+        label = {self.classes[i]: float(p) for p, i in zip(top.values.tolist(), top.indices.tolist())}
+        pred = int(top.indices[0])
+        cam, seen, heat, over = self._cam_panels(x, [pred], layer, method, opacity, PANEL)
+        cam_drop, random_drop = cams.faithfulness(self.model, x, cam, [pred])
+        text = faithfulness_text(float(cam_drop[0]), float(random_drop[0]), self.classes[pred])
+        return label, seen[0], heat[0], over[0], text
+
+    def _cam_panels(self, x, classes, layer, method, opacity, size):
+        layer = layer if layer in self.layers else next(iter(self.layers))
+        if method not in cams.CAM_METHODS:
+            raise gr.Error(f"unknown CAM method {method!r}: choose one of {', '.join(cams.CAM_METHODS)}")
+        maps = cams.compute_cams(self.model, x, self.layers[layer], method, classes)
+        images = x.permute(0, 2, 3, 1).numpy()
+        seen = [cams.upscale(im, size) for im in images]
+        heat = [cams.heatmap(m, size) for m in maps]
+        over = [cams.overlay(im, m, opacity, size) for im, m in zip(images, maps)]
+        return maps, seen, heat, over
+
+    # ------------------------------------------------------------------ test-set galleries
+    def _need_test(self) -> Predictions:
+        if self.test is None:
+            raise gr.Error("No test set: start the app with --data.root DIR to browse test images.")
+        return self.test
+
+    def select(self, kind: str, true_cls: str = ANY, pred_cls: str = ANY) -> np.ndarray:
+        """Indices of test images: ``mistakes`` most-confidently-wrong first, ``correct`` most confident first."""
+        t = self._need_test()
+        keep = (t.preds != t.labels) if kind == "mistakes" else (t.preds == t.labels)
+        if true_cls not in (ANY, None, ""):
+            keep &= t.labels == self.classes.index(true_cls)
+        if pred_cls not in (ANY, None, ""):
+            keep &= t.preds == self.classes.index(pred_cls)
+        idx = np.flatnonzero(keep)
+        return idx[np.argsort(-t.confidence[idx], kind="stable")]
+
+    def gallery(self, kind: str, true_cls: str = ANY, pred_cls: str = ANY, count: int = 12, opacity: float = 0.5,
+                layer: str | None = None, method: str = "Grad-CAM"):
+        """Gallery items ``(overlay, caption)`` for the first ``count`` selected test images, and a summary."""
+        t = self._need_test()
+        idx = self.select(kind, true_cls, pred_cls)
+        shown = idx[: int(count)]
+        if len(shown) == 0:
+            return [], f"0 {kind} in {len(t.labels)} test images for this filter."
+        x = torch.from_numpy(t.images[shown]).permute(0, 3, 1, 2).contiguous()
+        maps, _, _, over = self._cam_panels(x, t.preds[shown].tolist(), layer, method, opacity, THUMB)
+        cam_drop, random_drop = cams.faithfulness(self.model, x, maps, t.preds[shown].tolist())
+        items = []
+        for j, i in enumerate(shown):
+            caption = (f"true {self.classes[t.labels[i]]} | pred {self.classes[t.preds[i]]} "
+                       f"{t.confidence[i]:.0%} | CAM drop {cam_drop[j]:+.2f} vs random {random_drop[j]:+.2f}")
+            items.append((over[j], caption))
+        summary = (f"{len(idx)} {kind} in {len(t.labels)} test images (showing {len(shown)}); CAM = "
+                   f"{method} on {layer}. Mean confidence drop with the CAM's top 20% removed "
+                   f"{cam_drop.mean():.3f}, with 20% random pixels removed {random_drop.mean():.3f}.")
+        return items, summary
+
+    def mistakes(self, true_cls=ANY, pred_cls=ANY, count=12, opacity=0.5, layer=None, method="Grad-CAM"):
+        return self.gallery("mistakes", true_cls, pred_cls, count, opacity, layer, method)
+
+    def correct(self, true_cls=ANY, pred_cls=ANY, count=12, opacity=0.5, layer=None, method="Grad-CAM"):
+        return self.gallery("correct", true_cls, pred_cls, count, opacity, layer, method)
+
+    # ------------------------------------------------------------------ confusion + training
+    def confusion_outputs(self):
+        t = self._need_test()
+        cm = t.confusion_matrix()
+        path = Path(self._files.name) / "confusion.png"
+        plot_confusion(cm, self.classes, path)
+        per_class = cm.diagonal() / np.maximum(cm.sum(1), 1)
+        table = [[c, f"{a:.1%}", int(cm[i].sum())] for i, (c, a) in enumerate(zip(self.classes, per_class))]
+        matrix = [[self.classes[i], *map(int, row)] for i, row in enumerate(cm)]
+        return str(path), table, matrix
+
+    def cell_mistakes(self, evt: gr.SelectData, count: int, opacity: float, layer: str, method: str):
+        row, col = evt.index
+        if col == 0:
+            raise gr.Error("Choose a count cell, not a class name.")
+        true_cls, pred_cls = self.classes[row], self.classes[col - 1]
+        kind = "correct" if true_cls == pred_cls else "mistakes"
+        return self.gallery(kind, true_cls, pred_cls, count, opacity, layer, method)
+
+    def training_files(self) -> dict[str, Path | None]:
+        def found(*paths):
+            return next((p for p in paths if p.is_file()), None)
+
+        return {"curves": found(self.run_dir / "curves.png"),
+                "lr_find": found(self.run_dir.parent / "lr_find" / "lr_find.png", self.run_dir / "lr_find.png"),
+                "config": found(self.run_dir / "config.yaml")}
+
+    def example_files(self, per_class: int = 1) -> list[str]:
+        """A few test images saved as PNG for the page's examples (one per class)."""
+        if self.test is None:
+            return []
+        out = []
+        for c, name in enumerate(self.classes):
+            for i in np.flatnonzero(self.test.labels == c)[:per_class]:
+                path = Path(self._files.name) / f"example-{name}-{i}.png"
+                Image.fromarray(self.test.images[i]).save(path)
+                out.append(str(path))
+        return out
+
+
+def faithfulness_text(cam_drop: float, random_drop: float, cls: str) -> str:
+    """One line comparing the confidence drop when the CAM's top 20% vs 20% random pixels are removed."""
+    ratio = f"{cam_drop / random_drop:.1f}x" if random_drop > 1e-4 else "n/a"
+    return (f"**Faithfulness**: removing the CAM's top 20% pixels changes P({cls}) by **{-cam_drop:+.3f}**, "
+            f"removing 20% random pixels by {-random_drop:+.3f} (ratio of drops: {ratio}). A CAM that points at "
+            "what the model uses drops the confidence much more than random removal.")
+
+
+def build_app(app: CifarApp) -> gr.Blocks:
+    """The page: Classify, Mistakes, Correct, Confusion matrix and Training tabs."""
+    layer_names = list(app.layers)
+    methods = list(cams.CAM_METHODS)
+    class_choices = [ANY, *app.classes]
+    with gr.Blocks(title="cifarlab") as demo:
+        gr.Markdown(f"# cifarlab\nCheckpoint `{app.ckpt_path}` · {len(app.classes)} classes: "
+                    f"{', '.join(app.classes)}")
+        with gr.Row():
+            layer = gr.Dropdown(layer_names, value=layer_names[0], label="CAM target layer (output size)")
+            method = gr.Dropdown(methods, value=methods[0], label="CAM method")
+            opacity = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Overlay opacity")
+        with gr.Tab("Classify"):
+            with gr.Row():
+                with gr.Column(scale=1):
+                    upload = raw_upload(gr.Image(type="filepath", image_mode=None, sources=["upload", "clipboard"],
+                                                 label="Image (any size; resized to 32x32)", elem_id="upload"))
+                    top_k = gr.Slider(1, len(app.classes), value=min(3, len(app.classes)), step=1, label="Top k")
+                    run = gr.Button("Classify", variant="primary", elem_id="classify")
+                with gr.Column(scale=2):
+                    label = gr.Label(label="Top classes", elem_id="label")
+                    with gr.Row():
+                        seen = gr.Image(label="What the model sees (32x32)", type="numpy", format="png")
+                        heat = gr.Image(label="CAM", type="numpy", format="png")
+                        over = gr.Image(label="Overlay", type="numpy", format="png")
+                    faith = gr.Markdown()
+            examples = app.example_files()
+            if examples:
+                gr.Examples(examples=[[p] for p in examples], inputs=[upload], label="Test-set examples")
+            inputs = [upload, top_k, opacity, layer, method]
+            outputs = [label, seen, heat, over, faith]
+            run.click(app.classify_image, inputs, outputs, api_name="classify")
+            upload.upload(app.classify_image, inputs, outputs, api_visibility="private")
+
+        gallery_controls = {}
+        for kind in ("mistakes", "correct"):
+            with gr.Tab("Mistakes" if kind == "mistakes" else "Correct"):
+                with gr.Row():
+                    true_cls = gr.Dropdown(class_choices, value=ANY, label="True class")
+                    pred_cls = gr.Dropdown(class_choices, value=ANY, label="Predicted class")
+                    count = gr.Slider(1, 64, value=12, step=1, label="Images")
+                    show = gr.Button("Show", variant="primary")
+                summary = gr.Markdown()
+                gallery = gr.Gallery(label=kind.capitalize(), columns=6, height="auto", format="png")
+                fn = app.mistakes if kind == "mistakes" else app.correct
+                show.click(fn, [true_cls, pred_cls, count, opacity, layer, method], [gallery, summary], api_name=kind)
+                gallery_controls[kind] = (count, gallery, summary)
+
+        with gr.Tab("Confusion matrix"):
+            gr.Markdown("Rows are true classes, columns predicted. Click a count to see those images.")
+            with gr.Row():
+                cm_image = gr.Image(label="Confusion matrix", type="filepath", interactive=False)
+                per_class = gr.Dataframe(headers=["class", "accuracy", "images"], label="Per-class accuracy",
+                                         interactive=False)
+            matrix = gr.Dataframe(headers=["true \\ pred", *app.classes], label="Counts (click a cell)",
+                                  interactive=False)
+            cell_summary = gr.Markdown()
+            cell_gallery = gr.Gallery(columns=6, height="auto", format="png")
+            count_cm = gr.Slider(1, 64, value=12, step=1, label="Images")
+            matrix.select(app.cell_mistakes, [count_cm, opacity, layer, method], [cell_gallery, cell_summary],
+                          api_visibility="private")
+            if app.test is not None:
+                demo.load(app.confusion_outputs, None, [cm_image, per_class, matrix], api_visibility="private")
+
+        with gr.Tab("Training"):
+            files = app.training_files()
+            if not any(files.values()):
+                gr.Markdown(f"No curves, LR-finder plot or config found next to the checkpoint ({app.run_dir}).")
+            if files["curves"]:
+                gr.Image(str(files["curves"]), label="Loss and accuracy per epoch", interactive=False)
+            if files["lr_find"]:
+                gr.Image(str(files["lr_find"]), label="LR range test", interactive=False)
+            if files["config"]:
+                gr.Code(files["config"].read_text(), language="yaml", label="config.yaml", interactive=False)
+    return demo
+
+
+def launch(app: CifarApp, host: str = "127.0.0.1", port: int | None = 7860, block: bool = True):
+    """Serve the page on ``host:port`` (loopback by default, never a public share link)."""
+    demo = build_app(app)
+    demo.queue(default_concurrency_limit=1)  # one model, two cores: requests run one at a time, in order
+    allowed = [str(p.parent) for p in app.training_files().values() if p]
+    demo.launch(server_name=host, server_port=port, share=False, max_file_size=MAX_IMAGE_BYTES, show_error=True,
+                ssr_mode=False, theme=THEME, allowed_paths=allowed, prevent_thread_lock=not block,
+                footer_links=["api"], quiet=not block)
+    return demo

@@ -1,0 +1,219 @@
+"""Inference outside training: safe checkpoint loading, decoding any user image, cached test-set predictions.
+
+Shared by ``cifarlab predict``, ``cifarlab report`` and the app, so they all see exactly what the model saw
+in training: images become ``(3, 32, 32)`` uint8 through ``transforms.pil_to_uint8`` and the model normalises.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from cifarlab.errors import CifarlabError
+from cifarlab.transforms import pil_to_uint8
+
+MAX_IMAGE_PIXELS = 40_000_000  # refuse larger images before decoding (a 12 MP phone photo is 12.2 M pixels)
+MAX_IMAGE_BYTES = 25 * 1024 * 1024  # the app's upload cap, bytes
+
+
+class ImageError(CifarlabError):
+    """An input image that cannot be classified (not an image, truncated, too large, ...)."""
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def load_classifier(path: str | Path, map_location: str | torch.device = "cpu"):
+    """Rebuild an ``ImageClassifier`` from a checkpoint alone, without unpickling arbitrary objects.
+
+    ``torch.load(weights_only=True)`` only accepts tensors and plain containers, so a crafted checkpoint
+    carrying a pickle payload is refused before any of its code can run.
+    """
+    from cifarlab.module import ImageClassifier
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CifarlabError(f"checkpoint {path} not found: pass the .ckpt of a run, e.g. "
+                            "--ckpt runs/seed/version_0/checkpoints/last.ckpt")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CifarlabError(f"refusing to load {path}: it holds pickled objects, not only weights and plain data "
+                            f"({first[:160]}); load checkpoints written by cifarlab only") from None
+    except Exception as err:  # torch.load raises anything from KeyError to RuntimeError on a non-checkpoint
+        raise CifarlabError(f"{path} is not a readable PyTorch checkpoint ({type(err).__name__}): "
+                            "pass a .ckpt file written by `cifarlab fit`") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
+        raise CifarlabError(f"{path} is not a cifarlab checkpoint (no state_dict/hyper_parameters): "
+                            "pass a .ckpt file written by `cifarlab fit`")
+    # Keys with a leading underscore are Lightning's bookkeeping (e.g. LightningCLI's ``_instantiator``).
+    hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if not k.startswith("_")}
+    try:
+        model = ImageClassifier(**hparams)
+    except (TypeError, ValueError) as err:
+        raise CifarlabError(f"{path} was written for another model ({err}): it cannot be rebuilt by this "
+                            "cifarlab version") from None
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as err:
+        detail = str(err).strip().splitlines()[0]
+        raise CifarlabError(f"the weights in {path} do not fit its own model ({detail[:160]})") from None
+    model.datamodule_hparams = dict(ckpt.get("datamodule_hyper_parameters", {}))  # where it was trained
+    return model.eval()
+
+
+def eval_datamodule(model, root: str | None = None, source: str = "auto", required: bool = True):
+    """The data a checkpoint is evaluated on: ``root`` if given, else the data it was trained on.
+
+    Returns ``None`` when no root was given and the training data is not at hand (``required=False``).
+    """
+    from cifarlab.data import CIFARDataModule
+    from cifarlab.errors import DataError
+
+    trained = getattr(model, "datamodule_hparams", {}) or {}
+    if root is None:
+        root, source = trained.get("root"), trained.get("source", "auto")
+    dm = CIFARDataModule(root=root, source=source, val_size=trained.get("val_size", 5000),
+                         split_seed=trained.get("split_seed", 0), cache_dir=trained.get("cache_dir"))
+    try:
+        dm.prepare_data()
+        dm.setup("test")
+    except DataError:
+        if required:
+            raise
+        return None
+    if dm.class_names != list(model.class_names):
+        raise DataError(f"the data's classes {dm.class_names} differ from the checkpoint's {model.class_names}: "
+                        "pass the --data.root the model was trained on")
+    return dm
+
+
+def checkpoint_key(path: str | Path) -> str:
+    """Identifies a checkpoint file by path, size and mtime (cheap; changes when the file is rewritten)."""
+    st = Path(path).stat()
+    return hashlib.sha1(f"{Path(path).resolve()}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------- images
+def decode_upload(data: bytes | str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+    """Any common image (file path or bytes) -> ``(H, W, 3)`` uint8 RGB, upright, at its own size.
+
+    Refuses non-images, truncated files and images above ``max_pixels`` (checked from the header, before
+    decoding, so a decompression bomb never expands). Handles 16-bit, float, CMYK, palette, grayscale and
+    transparent images (composited on white), EXIF rotation, and animations (first frame).
+    """
+    if isinstance(data, (str, Path)):
+        path = Path(data)
+        if path.stat().st_size == 0:
+            raise ImageError("the file is empty: upload a JPEG, PNG, WebP, GIF, BMP or TIFF image")
+        if path.stat().st_size > MAX_IMAGE_BYTES:
+            raise ImageError(f"the file is {path.stat().st_size / 2**20:.0f} MB, above the "
+                             f"{MAX_IMAGE_BYTES // 2**20} MB limit: upload a smaller image")
+        data = path.read_bytes()
+    if not data:
+        raise ImageError("the file is empty: upload a JPEG, PNG, WebP, GIF, BMP or TIFF image")
+    try:
+        img = Image.open(io.BytesIO(data))  # reads the header only
+    except Image.DecompressionBombError:  # PIL's own guard, at twice its MAX_IMAGE_PIXELS
+        raise ImageError(f"the image has far more pixels than the {max_pixels / 1e6:.0f} M limit allows "
+                         f"(above the {max_pixels / 1e6:.0f} M limit): upload a smaller image") from None
+    except (UnidentifiedImageError, OSError, ValueError):
+        raise ImageError("this file is not an image cifarlab can read: upload a JPEG, PNG, WebP, GIF, BMP "
+                         "or TIFF image") from None
+    width, height = img.size
+    if width * height > max_pixels:
+        raise ImageError(f"the image is {width}x{height} = {width * height / 1e6:.0f} M pixels, above the "
+                         f"{max_pixels / 1e6:.0f} M limit: upload a smaller image")
+    if width < 1 or height < 1:
+        raise ImageError("the image has no pixels")
+    try:
+        img.seek(0)  # animations: the first frame
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        return np.asarray(_to_rgb(img), dtype=np.uint8)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise ImageError(f"the image is damaged or truncated ({str(err)[:80]}): upload the full file") from None
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16-bit / float grayscale: rescale, don't clip
+        x = np.asarray(img, dtype=np.float64)
+        lo, hi = float(x.min()), float(x.max())
+        x = np.zeros_like(x) if hi <= lo else (x - lo) / (hi - lo) * 255
+        img = Image.fromarray(x.round().astype(np.uint8), "L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, img.convert("RGBA"))
+    return img.convert("RGB")
+
+
+def model_input(image: np.ndarray) -> torch.Tensor:
+    """``(H, W, 3)`` uint8 at any size -> the ``(1, 3, 32, 32)`` uint8 batch the model sees."""
+    small = pil_to_uint8(Image.fromarray(image))
+    return torch.from_numpy(small).permute(2, 0, 1).unsqueeze(0).contiguous()
+
+
+@torch.no_grad()
+def classify(model, x: torch.Tensor) -> torch.Tensor:
+    """Class probabilities ``(B, K)`` for uint8 images ``(B, 3, 32, 32)``, in eval mode."""
+    return model.eval()(x.to(model.device)).float().softmax(1).cpu()
+
+
+# ---------------------------------------------------------------------------------------------- test set
+@dataclass
+class Predictions:
+    """The test set with a checkpoint's predictions: ``images`` (N, 32, 32, 3) uint8, ``probs`` (N, K)."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    probs: np.ndarray
+    classes: list[str]
+
+    @property
+    def preds(self) -> np.ndarray:
+        return self.probs.argmax(1)
+
+    @property
+    def confidence(self) -> np.ndarray:
+        return self.probs.max(1)
+
+    def confusion_matrix(self) -> np.ndarray:
+        k = len(self.classes)
+        return np.bincount(self.labels * k + self.preds, minlength=k * k).reshape(k, k)
+
+
+def predict_test_set(model, ckpt_path: str | Path, datamodule, batch_size: int = 500) -> Predictions:
+    """Predictions of ``model`` on the datamodule's test split, computed once and cached per checkpoint.
+
+    Reuses ``test_predictions.npz`` from the checkpoint's run directory when ``cifarlab fit`` wrote it for
+    this very checkpoint; otherwise runs the test set in batches and caches the result next to the data.
+    """
+    datamodule.setup("test")
+    test = datamodule.test_set
+    images, labels = test.images, test.labels.numpy()
+    ckpt_path = Path(ckpt_path).resolve()
+    run_file = ckpt_path.parent.parent / "test_predictions.npz"
+    cache_file = datamodule.cache_dir / f"predictions-{checkpoint_key(ckpt_path)}-{len(labels)}.npz"
+    for candidate in (run_file, cache_file):
+        if candidate.exists():
+            with np.load(candidate, allow_pickle=False) as z:
+                same_ckpt = Path(str(z["ckpt_path"])).resolve() == ckpt_path if z["ckpt_path"].size else False
+                if (candidate == cache_file or same_ckpt) and np.array_equal(z["labels"], labels):
+                    return Predictions(images, labels, z["probs"].astype(np.float32), list(model.class_names))
+    probs = []
+    for start in range(0, len(labels), batch_size):
+        x, _ = test.batch(range(start, min(start + batch_size, len(labels))))
+        probs.append(classify(model, x).numpy())
+    probs = np.concatenate(probs)
+    from cifarlab.report import save_predictions
+
+    save_predictions(cache_file, probs, labels, list(model.class_names), str(ckpt_path))
+    return Predictions(images, labels, probs, list(model.class_names))

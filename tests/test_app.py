@@ -1,0 +1,96 @@
+"""The app, launched in-process on 127.0.0.1 and called through gradio_client, as a program would."""
+
+import os
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+from gradio_client import Client, handle_file  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from cifarlab.app import CifarApp, launch  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def served(smoke_run):
+    root, _, ckpt = smoke_run
+    app = CifarApp(ckpt, str(root))
+    demo = launch(app, "127.0.0.1", None, block=False)
+    client = Client(demo.local_url, verbose=False)
+    yield app, demo, client
+    demo.close()
+
+
+def test_served_on_loopback_only(served):
+    _, demo, _ = served
+    assert demo.local_url.startswith("http://127.0.0.1:")
+    assert demo.share_url is None
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_classify_returns_the_sorted_top_k_and_three_images(served, smoke_run, k):
+    app, _, client = served
+    root, _, _ = smoke_run
+    image = root / "test" / "frog" / "0001.png"
+    label, seen, heat, over, faith = client.predict(handle_file(str(image)), k, 0.5, "layer2 (8x8)", "Grad-CAM++",
+                                                    api_name="/classify")
+    confidences = label["confidences"]
+    assert len(confidences) == k
+    probs = [c["confidence"] for c in confidences]
+    assert probs == sorted(probs, reverse=True)
+    # The same answer as the model on the same file, outside the app.
+    from cifarlab.inference import classify, decode_upload, model_input
+
+    expected = classify(app.model, model_input(decode_upload(image)))[0]
+    assert label["label"] == app.classes[int(expected.argmax())]
+    for path in (seen, heat, over):
+        assert Image.open(path).size == (224, 224)
+    assert "Faithfulness" in faith
+
+
+def test_large_photo_is_resized(served, tmp_path):
+    _, _, client = served
+    photo = tmp_path / "photo.jpg"
+    Image.new("RGB", (4032, 3024), (90, 120, 200)).save(photo, quality=80)
+    label, seen, *_ = client.predict(handle_file(str(photo)), 3, 0.5, "layer3 (4x4)", "Grad-CAM",
+                                     api_name="/classify")
+    assert len(label["confidences"]) == 3
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("empty.png", b"", "empty"),
+    ("notes.png", b"just some text, not pixels", "not an image"),
+])
+def test_bad_uploads_get_a_message_and_the_server_keeps_serving(served, smoke_run, tmp_path, name, content, message):
+    _, _, client = served
+    bad = tmp_path / name
+    bad.write_bytes(content)
+    with pytest.raises(Exception) as err:
+        client.predict(handle_file(str(bad)), 3, 0.5, "layer3 (4x4)", "Grad-CAM", api_name="/classify")
+    assert message in str(err.value)
+    root, _, _ = smoke_run
+    label, *_ = client.predict(handle_file(str(root / "test" / "cat" / "0000.png")), 2, 0.5, "layer3 (4x4)",
+                               "Grad-CAM", api_name="/classify")
+    assert len(label["confidences"]) == 2
+
+
+def test_mistakes_and_correct_galleries(served):
+    app, _, client = served
+    for kind in ("mistakes", "correct"):
+        items, summary = client.predict("any", "any", 5, 0.5, "layer3 (4x4)", "Grad-CAM", api_name=f"/{kind}")
+        idx = app.select(kind)
+        assert len(items) == min(5, len(idx))
+        assert f"{len(idx)} {kind}" in summary
+        for item in items:
+            assert ("true " in item["caption"]) and ("pred " in item["caption"])
+
+
+def test_mistakes_are_sorted_most_confident_first_and_filtered(served):
+    app, _, _ = served
+    t = app.test
+    idx = app.select("mistakes")
+    assert (t.preds[idx] != t.labels[idx]).all()
+    assert (t.confidence[idx][:-1] >= t.confidence[idx][1:]).all()
+    cat = app.select("correct", true_cls="cat")
+    assert (t.labels[cat] == app.classes.index("cat")).all()

@@ -1,0 +1,67 @@
+"""The page in a real browser: Playwright drives Debian's Chromium against the app on 127.0.0.1.
+
+CI installs Chromium (`apt-get install -y chromium`) and runs this test; elsewhere it is skipped when
+/usr/bin/chromium is missing. Set CIFARLAB_SCREENSHOT=PATH to keep the screenshot, and CIFARLAB_APP_CKPT /
+CIFARLAB_APP_DATA to shoot the page of a real checkpoint instead of the tiny synthetic one.
+"""
+
+import os
+import shutil
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+# Chromium's own background traffic (updates, sync, safe browsing) would leave the machine: switch it off.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
+                 "--disable-background-networking", "--disable-component-update", "--disable-default-apps"]
+
+
+@pytest.fixture(scope="module")
+def page_url(smoke_run):
+    from cifarlab.app import CifarApp, launch
+
+    root, _, ckpt = smoke_run
+    ckpt = os.environ.get("CIFARLAB_APP_CKPT", ckpt)
+    root = os.environ.get("CIFARLAB_APP_DATA", root)
+    demo = launch(CifarApp(ckpt, str(root)), "127.0.0.1", None, block=False)
+    yield demo.local_url, Path(root)
+    demo.close()
+
+
+def test_upload_classify_and_screenshot(page_url, tmp_path):
+    if not Path(CHROMIUM).exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"Chromium not found at {CHROMIUM}: CI must install it (apt-get install -y chromium)")
+        pytest.skip("Chromium is not installed (apt-get install -y chromium)")
+    from playwright.sync_api import sync_playwright
+
+    url, root = page_url
+    image = sorted((root / "test").glob("*/*"))[0]
+    requested = []
+    shot = Path(os.environ.get("CIFARLAB_SCREENSHOT", tmp_path / "app.png"))
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.on("request", lambda request: requested.append(request.url))
+        page.goto(url)
+        page.wait_for_selector("#upload input[type=file]", state="attached")
+        page.set_input_files("#upload input[type=file]", str(image))
+        page.click("#classify")
+        page.wait_for_function(
+            "() => { const el = document.querySelector('#label'); return el && /\\d+%/.test(el.innerText); }",
+            timeout=60_000)
+        label_text = page.inner_text("#label")
+        page.wait_for_timeout(500)  # let the CAM images paint
+        page.screenshot(path=str(shot), full_page=True)
+        browser.close()
+    assert "%" in label_text
+    assert shot.stat().st_size > 20_000
+    hosts = {urlparse(u).hostname for u in requested if urlparse(u).scheme in ("http", "https", "ws", "wss")}
+    assert hosts == {"127.0.0.1"}, f"the page requested other hosts: {hosts - {'127.0.0.1'}}"
