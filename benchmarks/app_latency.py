@@ -18,7 +18,7 @@ from PIL import Image
 
 from cifarlab import cam as cams
 from cifarlab.app import CifarApp
-from cifarlab.inference import classify, decode_upload, model_input
+from cifarlab.inference import DECODE_MIN_SIZE, classify, decode_upload, model_input
 
 
 def percentiles(fn, repeats: int) -> tuple[float, float]:
@@ -57,7 +57,7 @@ def main() -> None:
         data = jpeg_bytes(size)
 
         def classify_and_cam(data=data):
-            x = model_input(decode_upload(data))
+            x = model_input(decode_upload(data, min_size=DECODE_MIN_SIZE))
             probs = classify(app.model, x)[0]
             pred = int(probs.argmax())
             maps = cams.compute_cams(app.model, x, layer, opts.method, [pred])
@@ -65,7 +65,7 @@ def main() -> None:
             return cams.upscale(img, 224), cams.heatmap(maps[0], 224), cams.overlay(img, maps[0], 0.5, 224)
 
         def with_faithfulness(data=data):
-            x = model_input(decode_upload(data))
+            x = model_input(decode_upload(data, min_size=DECODE_MIN_SIZE))
             pred = int(classify(app.model, x)[0].argmax())
             maps = cams.compute_cams(app.model, x, layer, opts.method, [pred])
             cams.faithfulness(app.model, x, maps, [pred])

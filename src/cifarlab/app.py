@@ -23,6 +23,7 @@ from PIL import Image  # noqa: E402
 
 from cifarlab import cam as cams  # noqa: E402
 from cifarlab.inference import (  # noqa: E402
+    DECODE_MIN_SIZE,
     MAX_IMAGE_BYTES,
     ImageError,
     Predictions,
@@ -86,7 +87,7 @@ class CifarApp:
         if image is None:
             raise gr.Error("Upload an image first.")
         try:
-            pixels = decode_upload(image)
+            pixels = decode_upload(image, min_size=DECODE_MIN_SIZE)
         except ImageError as err:
             raise gr.Error(str(err)) from None
         except OSError as err:
@@ -221,13 +222,14 @@ def build_app(app: CifarApp) -> gr.Blocks:
             with gr.Row():
                 with gr.Column(scale=1):
                     upload = raw_upload(gr.Image(type="filepath", image_mode=None, sources=["upload", "clipboard"],
-                                                 label="Image (any size; resized to 32x32)", elem_id="upload"))
+                                                 label="Image (any size; resized to 32x32)", elem_id="upload",
+                                                 height=260))
                     top_k = gr.Slider(1, len(app.classes), value=min(3, len(app.classes)), step=1, label="Top k")
                     run = gr.Button("Classify", variant="primary", elem_id="classify")
                 with gr.Column(scale=2):
                     label = gr.Label(label="Top classes", elem_id="label")
                     with gr.Row():
-                        seen = gr.Image(label="What the model sees (32x32)", type="numpy", format="png")
+                        seen = gr.Image(label="Model input (32x32)", type="numpy", format="png")
                         heat = gr.Image(label="CAM", type="numpy", format="png")
                         over = gr.Image(label="Overlay", type="numpy", format="png")
                     faith = gr.Markdown()

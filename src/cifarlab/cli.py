@@ -192,7 +192,7 @@ def predict_main(argv: list[str]) -> None:
 
     import torch
 
-    from cifarlab.inference import ImageError, classify, decode_upload, load_classifier, model_input
+    from cifarlab.inference import DECODE_MIN_SIZE, ImageError, classify, decode_upload, load_classifier, model_input
 
     parser = argparse.ArgumentParser(prog="cifarlab predict", description="Classify image files (JSON lines).")
     parser.add_argument("images", nargs="+", help="Image files (any size and common format).")
@@ -203,7 +203,7 @@ def predict_main(argv: list[str]) -> None:
     failed = 0
     for path in opts.images:
         try:
-            probs = classify(model, model_input(decode_upload(path)))[0]
+            probs = classify(model, model_input(decode_upload(path, min_size=DECODE_MIN_SIZE)))[0]
         except (ImageError, OSError) as err:
             failed += 1
             print(json.dumps({"image": path, "error": str(err)}), flush=True)
