@@ -94,3 +94,30 @@ def test_mistakes_are_sorted_most_confident_first_and_filtered(served):
     assert (t.confidence[idx][:-1] >= t.confidence[idx][1:]).all()
     cat = app.select("correct", true_cls="cat")
     assert (t.labels[cat] == app.classes.index("cat")).all()
+
+
+def test_clicking_a_confusion_cell_shows_those_images(served):
+    import gradio as gr
+
+    app, _, _ = served
+    image, per_class, matrix = app.confusion_outputs()
+    assert Image.open(image).size[0] > 200
+    assert [row[0] for row in matrix] == app.classes
+    cat, dog = app.classes.index("cat"), app.classes.index("dog")
+    evt = gr.SelectData(None, {"index": [cat, cat + 1], "value": matrix[cat][cat + 1]})  # the (cat, cat) cell
+    items, summary = app.cell_mistakes(evt, 4, 0.5, "layer3 (4x4)", "Grad-CAM")
+    assert f"{matrix[cat][cat + 1]} correct" in summary
+    assert all("true cat | pred cat" in caption for _, caption in items)
+    evt = gr.SelectData(None, {"index": [cat, dog + 1], "value": matrix[cat][dog + 1]})  # true cat, predicted dog
+    items, summary = app.cell_mistakes(evt, 4, 0.5, "layer3 (4x4)", "Grad-CAM")
+    assert f"{matrix[cat][dog + 1]} mistakes" in summary
+
+
+def test_app_with_a_missing_checkpoint_is_one_line(capsys):
+    from cifarlab.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["app", "--ckpt", "/nonexistent/model.ckpt"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not found" in err[0]
