@@ -126,3 +126,18 @@ def test_console_script_reports_bad_data_without_traceback(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert "not a train/test ImageFolder" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_fast_recipe_trains_with_whitening_lookahead_and_tta(image_folder, tmp_path):
+    run = tmp_path / "runs"
+    main(["fit", "--config", str(REPO / "configs" / "fast.yaml"), "--data.root", str(image_folder),
+          "--run.dir", str(run), "--data.batch_size", "16", "--data.val_size", "12", "--trainer.max_epochs", "2",
+          "--trainer.enable_progress_bar", "false"])
+    (version,) = (run / "fast").glob("version_*")
+    metrics = json.loads((version / "test_metrics.json").read_text())
+    assert metrics["num_images"] == 18 and 0 <= metrics["test_acc"] <= 1
+    model = ImageClassifier.load_from_checkpoint(version / "checkpoints" / "last.ckpt", map_location="cpu")
+    assert model.hparams.arch == "airbench" and model.hparams.tta_level == 2
+    # The whitening filters were set from the data (not left at their random init) and stayed frozen.
+    w = model.net.whiten.weight
+    torch.testing.assert_close(w[:12], -w[12:])

@@ -48,3 +48,29 @@ def test_models_module_does_not_import_lightning():
     code = "import sys, cifarlab.models; print('lightning' in sys.modules or 'pytorch_lightning' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_airbench_net_shapes_frozen_parts_and_size():
+    from cifarlab.models import AirbenchNet
+
+    net = AirbenchNet().eval()
+    assert net(torch.randn(3, 3, 32, 32)).shape == (3, 10)
+    assert not net.whiten.weight.requires_grad and not net.block1.norm1.weight.requires_grad
+    assert net.block1.norm1.bias.requires_grad
+    assert 1.9e6 < sum(p.numel() for p in net.parameters()) < 2.1e6
+
+
+def test_whitening_init_whitens_patches():
+    from cifarlab.models import AirbenchNet
+
+    torch.manual_seed(0)
+    # Strongly correlated channels: whitening must decorrelate them.
+    base = torch.randn(64, 1, 32, 32)
+    images = torch.cat([base, base * 0.9 + 0.1 * torch.randn_like(base), base * 0.8], dim=1)
+    net = AirbenchNet()
+    net.init_whitening(images, eps=0.0)
+    out = torch.nn.functional.conv2d(images, net.whiten.weight[:12])  # (N, 12, 31, 31), one sign
+    flat = out.permute(0, 2, 3, 1).reshape(-1, 12)
+    cov = flat.T @ flat / len(flat)
+    well_conditioned = cov[:8, :8]  # the smallest eigenvalues are near 0 here: leave them out
+    torch.testing.assert_close(well_conditioned, torch.eye(8), atol=0.05, rtol=0)

@@ -61,19 +61,71 @@ class EpochSpeed(L.Callback):
 
 
 class TestEveryEpoch(L.Callback):
-    """Benchmarks only: test accuracy after every epoch (logged as ``epoch_test_acc``) for learning curves.
+    """Benchmarks only: test accuracy after every epoch (``epoch_test_acc``, no TTA) for learning curves, and
+    the cumulative seconds these passes took (``epoch_test_s``).
 
     It never feeds model selection (checkpoints monitor ``val_acc``); add it with
     ``--trainer.callbacks+=cifarlab.callbacks.TestEveryEpoch``.
     """
 
+    def __init__(self):
+        self.seconds = 0.0  # spent in these extra test passes, so benchmarks can leave it out of wall times
+
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or trainer.datamodule is None:
             return
+        start = time.perf_counter()
         correct = total = 0
         with torch.no_grad(), trainer.precision_plugin.forward_context():
             for x, y in trainer.datamodule.test_dataloader():
                 x, y = x.to(pl_module.device), y.to(pl_module.device)
                 correct += (pl_module(x).argmax(1) == y).sum().item()
                 total += len(y)
+        self.seconds += time.perf_counter() - start
         pl_module.log("epoch_test_acc", correct / max(total, 1))
+        pl_module.log("epoch_test_s", self.seconds)  # cumulative
+
+
+class Lookahead(L.Callback):
+    """airbench's Lookahead: every ``every`` steps the slow weights move toward the fast ones by ``1 - decay``
+    and the fast weights restart from them; ``decay`` grows as ``decay_max * (step / total) ** power``, so
+    averaging is strongest at the end. At the last step the model keeps the slow weights (before the last
+    validation, so checkpoints and the test see them).
+
+    Args:
+        every: optimizer steps between updates.
+        decay_max: decay reached at the last step (airbench: 0.95 ** 5).
+        power: shape of the decay ramp (airbench: 3).
+    """
+
+    def __init__(self, every: int = 5, decay_max: float = 0.95**5, power: float = 3.0):
+        self.every, self.decay_max, self.power = every, decay_max, power
+        self.slow: dict[str, torch.Tensor] = {}
+
+    def _floating_state(self, pl_module):
+        return {k: v for k, v in pl_module.state_dict().items() if v.is_floating_point()}
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # After on_fit_start (the whitening init); a resumed run keeps the slow weights it restored.
+        if not self.slow:
+            self.slow = {k: v.detach().clone() for k, v in self._floating_state(pl_module).items()}
+
+    @torch.no_grad()
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step, total = trainer.global_step, trainer.estimated_stepping_batches
+        if step >= total:
+            decay = 1.0  # the end: take the slow weights
+        elif step % self.every == 0:
+            decay = self.decay_max * (step / total) ** self.power
+        else:
+            return
+        for key, fast in self._floating_state(pl_module).items():
+            slow = self.slow[key]
+            slow.lerp_(fast, 1 - decay)
+            fast.copy_(slow)
+
+    def state_dict(self) -> dict:
+        return {"slow": self.slow}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.slow = state_dict["slow"]

@@ -64,8 +64,92 @@ class CustomResNet(nn.Module):
         return self.fc(x) * self.logit_scale
 
 
-# Names accepted by ``--model.arch``; faster variants register here.
-ARCHITECTURES: dict[str, type[nn.Module]] = {"custom_resnet": CustomResNet}
+def frozen_scale_bn(channels: int, momentum: float) -> nn.BatchNorm2d:
+    """BatchNorm whose scale stays 1 (the next conv can absorb any scale, so learning it only adds noise);
+    ``momentum`` is airbench's: the weight kept of the running statistics (PyTorch's momentum is 1 - it)."""
+    bn = nn.BatchNorm2d(channels, eps=1e-12, momentum=1 - momentum)
+    bn.weight.requires_grad_(False)
+    return bn
+
+
+def dirac_conv(c_in: int, c_out: int) -> nn.Conv2d:
+    """3x3 conv, no bias, whose first ``c_in`` filters start as identities (airbench: trains faster early)."""
+    conv = nn.Conv2d(c_in, c_out, kernel_size=3, padding=1, bias=False)
+    nn.init.dirac_(conv.weight.data[:c_in])
+    return conv
+
+
+class ConvGroup(nn.Module):
+    """conv -> max-pool 2 -> BN -> GELU -> conv -> BN -> GELU (airbench94's block)."""
+
+    def __init__(self, c_in: int, c_out: int, bn_momentum: float):
+        super().__init__()
+        self.conv1 = dirac_conv(c_in, c_out)
+        self.pool = nn.MaxPool2d(2)
+        self.norm1 = frozen_scale_bn(c_out, bn_momentum)
+        self.conv2 = dirac_conv(c_out, c_out)
+        self.norm2 = frozen_scale_bn(c_out, bn_momentum)
+        self.act = nn.GELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.norm1(self.pool(self.conv1(x))))
+        return self.act(self.norm2(self.conv2(x)))
+
+
+class AirbenchNet(nn.Module):
+    """airbench94's network (Keller Jordan): 2x2 patch-whitening conv, three conv groups, ~2.0M parameters,
+    about 0.24 GFLOP per 32x32 image forward (the custom ResNet needs ~0.75).
+
+    Shapes for a 32x32 input:
+      whiten  (B, 24, 31, 31)   2x2 conv, no padding, frozen weights set by ``init_whitening``
+      block1  (B, 64, 15, 15)
+      block2  (B, 256, 7, 7)
+      block3  (B, 256, 3, 3)
+      head    (B, num_classes)  max-pool 3 -> flatten -> linear (no bias) * logit_scale
+
+    Args:
+        num_classes: number of output logits.
+        logit_scale: multiplies the logits (airbench: 1/9).
+        widths: channels of the three conv groups.
+        bn_momentum: airbench's BatchNorm momentum (0.6: running stats follow the last few batches).
+    """
+
+    def __init__(self, num_classes: int = 10, logit_scale: float = 1 / 9, widths: tuple[int, int, int] = (64, 256, 256),
+                 bn_momentum: float = 0.6):
+        super().__init__()
+        self.logit_scale = logit_scale
+        kernel = 2
+        whiten_width = 2 * 3 * kernel**2  # each eigenvector of the 2x2x3 patch covariance, with both signs
+        self.whiten = nn.Conv2d(3, whiten_width, kernel, padding=0, bias=True)
+        self.whiten.weight.requires_grad_(False)
+        self.act = nn.GELU()
+        self.block1 = ConvGroup(whiten_width, widths[0], bn_momentum)
+        self.block2 = ConvGroup(widths[0], widths[1], bn_momentum)
+        self.block3 = ConvGroup(widths[1], widths[2], bn_momentum)
+        self.pool = nn.MaxPool2d(3)
+        self.fc = nn.Linear(widths[2], num_classes, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.block3(self.block2(self.block1(self.act(self.whiten(x)))))  # (B, 256, 3, 3)
+        return self.fc(self.pool(x).flatten(1)) * self.logit_scale
+
+    @torch.no_grad()
+    def init_whitening(self, images: torch.Tensor, eps: float = 5e-4) -> None:
+        """Set the whitening filters from normalised training images ``(N, 3, 32, 32)``: the eigenvectors of
+        the 2x2 patch covariance, scaled by 1/sqrt(eigenvalue + eps), with both signs."""
+        kh, kw = self.whiten.kernel_size
+        patches = images.float().unfold(2, kh, 1).unfold(3, kw, 1).transpose(1, 3).reshape(-1, 3, kh, kw)
+        flat = patches.reshape(len(patches), -1)  # (N * 31 * 31, 12)
+        covariance = flat.T @ flat / len(flat)
+        eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
+        eigenvalues = eigenvalues.flip(0).view(-1, 1, 1, 1)
+        eigenvectors = eigenvectors.T.reshape(-1, 3, kh, kw).flip(0)
+        scaled = eigenvectors / torch.sqrt(eigenvalues + eps)
+        self.whiten.weight.copy_(torch.cat((scaled, -scaled)).to(self.whiten.weight))
+
+
+# Names accepted by ``--model.arch``.
+ARCHITECTURES: dict[str, type[nn.Module]] = {"custom_resnet": CustomResNet, "airbench": AirbenchNet}
 
 
 def build_model(arch: str, num_classes: int, **kwargs) -> nn.Module:

@@ -38,6 +38,10 @@ class ImageClassifier(L.LightningModule):
         cycle_momentum: cycle momentum (SGD) or beta1 (Adam) inversely to the LR, between 0.85 and 0.95.
         label_smoothing: cross-entropy label smoothing.
         channels_last: NHWC memory format; faster for convolutions on CPU (oneDNN) and tensor cores.
+        bn_lr_scale: LR multiplier for BatchNorm parameters; their weight decay is divided by it, so that
+            LR x decay stays the same (airbench: 64, with frozen BN scales, i.e. for the BN biases).
+        tta_level: test-time augmentation at test time: 0 none, 1 + mirror, 2 + mirror of 1-px translations.
+        whiten_bias_epochs: epochs during which a whitening conv's bias trains, then it is frozen (airbench: 3).
     """
 
     def __init__(
@@ -60,6 +64,9 @@ class ImageClassifier(L.LightningModule):
         cycle_momentum: bool = True,
         label_smoothing: float = 0.0,
         channels_last: bool = True,
+        bn_lr_scale: float = 1.0,
+        tta_level: int = 0,
+        whiten_bias_epochs: int = 3,
     ):
         super().__init__()
         if class_names is not None:
@@ -83,6 +90,18 @@ class ImageClassifier(L.LightningModule):
         if dm is not None and getattr(dm, "mean", None) is not None:
             self.normalize.set_stats(dm.mean, dm.std)
 
+    def on_fit_start(self) -> None:
+        # Patch-whitening networks start from the training data's patch covariance (not on resume: the
+        # checkpoint's weights were restored before this hook).
+        dm = getattr(self.trainer, "datamodule", None)
+        if hasattr(self.net, "init_whitening") and self.trainer.ckpt_path is None and dm is not None:
+            x, _ = dm.train_set.batch(range(min(5000, len(dm.train_set))))  # airbench: 5,000 images
+            self.net.init_whitening(self.normalize(x.to(self.device)))
+
+    def on_train_epoch_start(self) -> None:
+        if hasattr(self.net, "whiten") and self.net.whiten.bias is not None:
+            self.net.whiten.bias.requires_grad_(self.current_epoch < self.hparams.whiten_bias_epochs)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 pixels ``(B, 3, H, W)`` -> logits ``(B, num_classes)``."""
         x = self.normalize(x)
@@ -90,9 +109,23 @@ class ImageClassifier(L.LightningModule):
             x = x.contiguous(memory_format=torch.channels_last)
         return self.net(x)
 
-    def _step(self, batch):
+    def tta_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits averaged over test-time views of uint8 images ``x`` (level from ``tta_level``)."""
+        level = self.hparams.tta_level
+        if level == 0:
+            return self(x)
+        mirror = 0.5 * (self(x) + self(x.flip(-1)))
+        if level == 1:
+            return mirror
+        padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+        h, w = x.shape[-2:]
+        shifted = [padded[..., :h, :w], padded[..., 2:h + 2, 2:w + 2]]  # one pixel up-left and down-right
+        translated = torch.stack([0.5 * (self(v) + self(v.flip(-1))) for v in shifted]).mean(0)
+        return 0.5 * mirror + 0.5 * translated
+
+    def _step(self, batch, tta: bool = False):
         x, y = batch
-        logits = self(x)
+        logits = self.tta_logits(x) if tta else self(x)
         loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
         return logits, y, loss
 
@@ -114,7 +147,7 @@ class ImageClassifier(L.LightningModule):
         self.test_probs: list[torch.Tensor] = []  # (B, K) per batch, for the saved predictions
 
     def test_step(self, batch, batch_idx: int) -> None:
-        logits, y, loss = self._step(batch)
+        logits, y, loss = self._step(batch, tta=True)
         self.test_probs.append(logits.float().softmax(1).cpu())
         self.test_acc(logits, y)
         self.test_confmat.update(logits.argmax(1), y)
@@ -124,19 +157,36 @@ class ImageClassifier(L.LightningModule):
     def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
         """Class probabilities ``(B, num_classes)``."""
         x = batch[0] if isinstance(batch, (list, tuple)) else batch
-        return self(x).float().softmax(1)
+        return self.tta_logits(x).float().softmax(1)
+
+    def param_groups(self) -> list[dict]:
+        """Trainable parameters: BatchNorm's at ``lr * bn_lr_scale`` (decay / scale), the rest at ``lr``."""
+        hp = self.hparams
+        bn_ids = {id(p) for m in self.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                  for p in m.parameters()}
+        # Frozen parameters (airbench's whitening weights, BN scales) are left out. The whitening bias is frozen
+        # only from epoch `whiten_bias_epochs` on, so it is in: SGD skips it once it has no gradient.
+        params = [p for p in self.parameters() if p.requires_grad]
+        bn = [p for p in params if id(p) in bn_ids]
+        other = [p for p in params if id(p) not in bn_ids]
+        groups = [{"params": other, "lr": hp.lr, "weight_decay": hp.weight_decay}]
+        if bn:
+            scale = hp.bn_lr_scale
+            groups.append({"params": bn, "lr": hp.lr * scale, "weight_decay": hp.weight_decay / scale})
+        return groups
 
     def configure_optimizers(self):
         hp = self.hparams
+        groups = self.param_groups()
         if hp.optimizer == "adam":
-            opt = torch.optim.Adam(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+            opt = torch.optim.Adam(groups)
         else:
-            opt = torch.optim.SGD(self.parameters(), lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov,
-                                  weight_decay=hp.weight_decay)
+            opt = torch.optim.SGD(groups, momentum=hp.momentum, nesterov=hp.nesterov)
         if hp.scheduler == "none":
             return opt
         sched = torch.optim.lr_scheduler.OneCycleLR(
-            opt, max_lr=hp.lr, total_steps=int(self.trainer.estimated_stepping_batches),
+            opt, max_lr=[g["lr"] for g in groups], total_steps=int(self.trainer.estimated_stepping_batches),
             pct_start=hp.pct_start, anneal_strategy=hp.anneal_strategy, div_factor=hp.div_factor,
             final_div_factor=hp.final_div_factor, three_phase=hp.three_phase, cycle_momentum=hp.cycle_momentum)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
