@@ -24,7 +24,7 @@ PATHS = {
 }
 
 
-def measure(which: str, root: str, steps: int, warmup: int, batch_size: int) -> float:
+def measure(which: str, root: str, steps: int, warmup: int, batch_size: int, val_size: int) -> float:
     import lightning as L
 
     from cifarlab.cli import tune_malloc
@@ -45,7 +45,7 @@ def measure(which: str, root: str, steps: int, warmup: int, batch_size: int) -> 
             self.seconds = time.perf_counter() - self.start
 
     L.seed_everything(0)
-    dm = CIFARDataModule(root=root, batch_size=batch_size, num_workers=path["workers"],
+    dm = CIFARDataModule(root=root, batch_size=batch_size, num_workers=path["workers"], val_size=val_size,
                          augment=AugmentConfig(backend=path["backend"]))
     model = ImageClassifier(optimizer="adam", lr=1e-3, channels_last=path["channels_last"])
     timer = Timer()
@@ -62,15 +62,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--batch_size", type=int, default=256)
+    parser.add_argument("--val_size", type=int, default=5000, help="held out, as in training (not timed)")
     parser.add_argument("--which", choices=list(PATHS), help=argparse.SUPPRESS)  # child process
     opts = parser.parse_args()
     if opts.which:
-        print(json.dumps({"img_per_s": measure(opts.which, opts.root, opts.steps, opts.warmup, opts.batch_size)}))
+        speed = measure(opts.which, opts.root, opts.steps, opts.warmup, opts.batch_size, opts.val_size)
+        print(json.dumps({"img_per_s": speed}))
         return
     results = {}
     for which in PATHS:
         out = subprocess.run([sys.executable, __file__, "--data.root", opts.root, "--steps", str(opts.steps),
-                              "--warmup", str(opts.warmup), "--batch_size", str(opts.batch_size), "--which", which],
+                              "--warmup", str(opts.warmup), "--batch_size", str(opts.batch_size),
+                              "--val_size", str(opts.val_size), "--which", which],
                              check=True, capture_output=True, text=True).stdout
         results[which] = json.loads(out.strip().splitlines()[-1])["img_per_s"]
         print(f"{which:>9}: {results[which]:.0f} training images/s  ({PATHS[which]})", flush=True)

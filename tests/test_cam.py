@@ -88,3 +88,9 @@ def test_faithfulness_returns_a_drop_per_image(model, images):
     assert cam_drop.shape == (3,) and random_drop.shape == (3,)
     assert np.isfinite(cam_drop).all() and np.isfinite(random_drop).all()
     assert (np.abs(cam_drop) <= 1).all()
+
+
+def test_airbench_target_layers_are_its_blocks():
+    from cifarlab.models import AirbenchNet
+
+    assert list(cams.target_layers(AirbenchNet())) == ["block3 (3x3)", "block2 (7x7)", "block1 (15x15)"]

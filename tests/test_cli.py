@@ -141,3 +141,15 @@ def test_fast_recipe_trains_with_whitening_lookahead_and_tta(image_folder, tmp_p
     # The whitening filters were set from the data (not left at their random init) and stayed frozen.
     w = model.net.whiten.weight
     torch.testing.assert_close(w[:12], -w[12:])
+
+
+def test_last_checkpoint_is_the_final_epoch_even_when_the_best_is_earlier(image_folder, tmp_path):
+    # Checkpoints keep the best by val_loss (mode max: the worst loss, i.e. the first epoch here), while
+    # last.ckpt must follow every epoch.
+    run = _fit(image_folder, tmp_path / "runs", "--trainer.max_epochs", "3", "--checkpoint.monitor", "val_loss",
+               "--checkpoint.mode", "max")
+    last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["epoch"] == 2
+    fast = _fit(image_folder, tmp_path / "runs2", "--trainer.max_epochs", "2", "--checkpoint.monitor", "null")
+    metrics = json.loads((fast / "test_metrics.json").read_text())
+    assert "epoch01" in Path(metrics["ckpt_path"]).name  # no monitor: the final weights are tested

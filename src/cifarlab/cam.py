@@ -18,18 +18,20 @@ from torch import nn
 CAM_METHODS = {"Grad-CAM": GradCAM, "Grad-CAM++": GradCAMPlusPlus, "XGrad-CAM": XGradCAM, "LayerCAM": LayerCAM}
 
 
-PLAIN_LAYERS = (nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d, nn.Linear, nn.Flatten)
+PLAIN_LAYERS = (nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.GELU, nn.MaxPool2d, nn.Linear, nn.Flatten)
 
 
 def target_layers(net: nn.Module, image_size: int = 32) -> dict[str, nn.Module]:
     """Named candidate layers, deepest first, labelled with their output resolution, e.g. ``layer3 (4x4)``.
 
     Candidates: the network's top-level blocks, and the inner blocks of a top-level ``Sequential`` except its
-    last (whose output is the block's own), that output a feature map larger than 1x1.
+    last (whose output is the block's own), that output a feature map larger than 1x1; single layers (a conv,
+    an activation) are left out.
     """
     candidates: dict[str, nn.Module] = {}
     for name, child in net.named_children():
-        candidates[name] = child
+        if not isinstance(child, PLAIN_LAYERS):
+            candidates[name] = child
         if isinstance(child, nn.Sequential):
             for sub, inner in list(child.named_children())[:-1]:
                 if not isinstance(inner, PLAIN_LAYERS):

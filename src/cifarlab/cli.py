@@ -38,7 +38,7 @@ class CifarLabCLI(LightningCLI):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("trainer_defaults", {
             "callbacks": [LearningRateMonitor(logging_interval="step"), ModelSummary(max_depth=3),
-                          EpochSpeed(), TestReport()],
+                          EpochSpeed(), TestReport(), last_checkpoint()],
         })
         kwargs.setdefault("parser_kwargs", {"description": __doc__,
                                             "formatter_class": argparse.RawDescriptionHelpFormatter})
@@ -56,7 +56,7 @@ class CifarLabCLI(LightningCLI):
         parser.add_argument("--run.name", type=str, default="default",
                             help="Runs go to <run.dir>/<run.name>/version_<n>/.")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults({"checkpoint.monitor": "val_acc", "checkpoint.mode": "max", "checkpoint.save_last": True,
+        parser.set_defaults({"checkpoint.monitor": "val_acc", "checkpoint.mode": "max", "checkpoint.save_last": False,
                              "checkpoint.filename": "epoch{epoch:02d}-val_acc{val_acc:.4f}",
                              "checkpoint.auto_insert_metric_name": False})
         # The head's size follows the data: folders with other class counts just work.
@@ -78,8 +78,19 @@ class CifarLabCLI(LightningCLI):
     def after_fit(self) -> None:
         if self.trainer.interrupted or self.trainer.fast_dev_run:
             return
-        best = self.trainer.checkpoint_callback.best_model_path if self.trainer.checkpoint_callback else ""
+        # The recipe's checkpoint: the best by its monitor, or with `checkpoint.monitor: null` the final weights.
+        best = next((c.best_model_path for c in self.trainer.checkpoint_callbacks
+                     if c.filename != LAST and c.best_model_path), "")
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None)
+
+
+LAST = "last"
+
+
+def last_checkpoint() -> ModelCheckpoint:
+    """Writes ``last.ckpt`` after every epoch. (Lightning 2.6's ``save_last=True`` only refreshes it when a
+    top-k checkpoint is saved, so a run whose best epoch is not its final one would have a stale "last".)"""
+    return ModelCheckpoint(filename=LAST, monitor=None, save_top_k=1, enable_version_counter=False)
 
 
 def next_version(folder: Path) -> int:

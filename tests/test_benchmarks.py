@@ -1,0 +1,55 @@
+"""The benchmark scripts run (on a tiny setting: their numbers come from real runs, in docs/benchmarks.md)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest  # noqa: F401
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run(*args, cwd=REPO):
+    proc = subprocess.run([sys.executable, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
+
+
+def test_time_to_accuracy_runs_seeds_and_plots(image_folder, tmp_path):
+    out = _run("benchmarks/time_to_accuracy.py", "--data.root", image_folder, "--seeds", "0", "1",
+               "--run_dir", tmp_path / "tta", "--", "--trainer.max_epochs", "2", "--data.batch_size", "16",
+               "--data.val_size", "12")
+    assert "seed 0: test accuracy" in out and "seed 1: test accuracy" in out and "mean over 2 seeds" in out
+    assert (tmp_path / "tta" / "time_to_accuracy.png").exists()
+
+
+def test_throughput_compares_both_paths(image_folder):
+    out = _run("benchmarks/throughput.py", "--data.root", image_folder, "--steps", "2", "--warmup", "1",
+               "--batch_size", "8", "--val_size", "12")
+    assert "seed:" in out and "cifarlab:" in out and "ratio cifarlab / seed" in out
+
+
+def test_latency_reports_both_networks():
+    out = _run("benchmarks/latency.py", "--repeats", "1")
+    assert out.count("| custom_resnet |") == 2 and out.count("| airbench |") == 2
+
+
+def test_app_latency_and_faithfulness(smoke_run):
+    root, run, ckpt = smoke_run
+    out = _run("benchmarks/app_latency.py", "--ckpt", ckpt, "--repeats", "1")
+    assert "32x32 upload" in out and "4032x3024 upload" in out
+    out = _run("benchmarks/cam_faithfulness.py", "--ckpt", ckpt, "--data.root", root, "--n", "6", "--batch", "3",
+               "--layers", "layer3 (4x4)", "--methods", "Grad-CAM")
+    assert "| layer3 (4x4) | Grad-CAM |" in out
+    out = _run("benchmarks/summarize_run.py", run)
+    assert "| 2 |" in out and "Final test" in out
+
+
+@pytest.mark.parametrize("recipe", ["seed", "page", "fast"])
+def test_every_recipe_trains(recipe, image_folder, tmp_path):
+    from cifarlab.cli import main
+
+    main(["fit", "--config", str(REPO / "configs" / f"{recipe}.yaml"), "--data.root", str(image_folder),
+          "--run.dir", str(tmp_path), "--trainer.max_epochs", "1", "--data.batch_size", "16", "--data.val_size", "12",
+          "--data.num_workers", "0", "--trainer.enable_progress_bar", "false"])
+    assert list(tmp_path.glob(f"{recipe}/version_0/test_metrics.json"))
