@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import argparse
 import io
-import time
 
 import numpy as np
 import torch
 from PIL import Image
+from timing import time_ms
 
 from cifarlab import cam as cams
 from cifarlab.app import CifarApp
@@ -22,13 +22,7 @@ from cifarlab.inference import DECODE_MIN_SIZE, classify, decode_upload, model_i
 
 
 def percentiles(fn, repeats: int) -> tuple[float, float]:
-    for _ in range(3):  # warm-up
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1000)
+    times = time_ms(fn, repeats)
     return float(np.percentile(times, 50)), float(np.percentile(times, 90))
 
 

@@ -9,23 +9,16 @@ model as everywhere in cifarlab. Median over `--repeats` calls after 3 warm-up c
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 import torch
+from timing import time_ms
 
 from cifarlab.module import ImageClassifier
 
 
 def median_ms(fn, repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1000)
-    return float(np.median(times))
+    return float(np.median(time_ms(fn, repeats)))
 
 
 def main() -> None:
