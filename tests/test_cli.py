@@ -153,3 +153,11 @@ def test_last_checkpoint_is_the_final_epoch_even_when_the_best_is_earlier(image_
     fast = _fit(image_folder, tmp_path / "runs2", "--trainer.max_epochs", "2", "--checkpoint.monitor", "null")
     metrics = json.loads((fast / "test_metrics.json").read_text())
     assert "epoch01" in Path(metrics["ckpt_path"]).name  # no monitor: the final weights are tested
+
+
+def test_missing_ckpt_path_is_one_line(image_folder, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["test", "--config", SMOKE, "--data.root", str(image_folder), "--ckpt_path", "/nonexistent/x.ckpt"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--ckpt_path /nonexistent/x.ckpt not found" in err[0]

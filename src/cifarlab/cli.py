@@ -15,6 +15,7 @@ fit/validate/test are LightningCLI's: every typed ``__init__`` argument of ``Ima
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import ctypes.util
 import sys
@@ -61,6 +62,13 @@ class CifarLabCLI(LightningCLI):
                              "checkpoint.auto_insert_metric_name": False})
         # The head's size follows the data: folders with other class counts just work.
         parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
+
+    def before_instantiate_classes(self) -> None:
+        # A missing --ckpt_path would otherwise surface as Lightning's traceback after the run has started.
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        ckpt = config.get("ckpt_path")
+        if ckpt and ckpt not in ("last", "best", "hpc", "registry") and not Path(ckpt).expanduser().is_file():
+            raise CifarlabError(f"--ckpt_path {ckpt} not found: pass a .ckpt written by `cifarlab fit`, or 'last'")
 
     def instantiate_trainer(self, **kwargs):
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
@@ -172,6 +180,16 @@ def lr_find_main(argv: list[str]) -> None:
     print(f"              or: cifarlab fit {' '.join(rest)} --config {result['config']}")
 
 
+@contextlib.contextmanager
+def _app_extras():
+    """Turn a missing optional dependency of the app/report into a one-line error saying what to install."""
+    try:
+        yield
+    except ImportError as err:
+        raise CifarlabError(f"this command needs the app extras ({err.name} is missing): pip install -e '.[app]'") \
+            from None
+
+
 def _ckpt_parser(prog: str, description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--ckpt", required=True, help="A checkpoint written by `cifarlab fit`.")
@@ -187,10 +205,8 @@ def app_main(argv: list[str]) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="Interface to bind (0.0.0.0 exposes it to the network).")
     parser.add_argument("--port", type=int, default=7860)
     opts = parser.parse_args(argv)
-    try:
+    with _app_extras():
         from cifarlab.app import CifarApp, launch
-    except ImportError as err:
-        raise CifarlabError(f"the app needs its extras ({err.name} is missing): pip install -e '.[app]'") from None
 
     app = CifarApp(opts.ckpt, opts.root, opts.source)
     print(f"cifarlab app: http://{opts.host}:{opts.port}  (Ctrl-C to stop)")
@@ -229,6 +245,9 @@ def predict_main(argv: list[str]) -> None:
 def report_main(argv: list[str]) -> None:
     """``cifarlab report``: a self-contained HTML report folder for a checkpoint."""
     from cifarlab.inference import eval_datamodule, load_classifier, predict_test_set
+
+    with _app_extras():
+        import pytorch_grad_cam  # noqa: F401  (write_report draws CAMs)
     from cifarlab.report import write_report
 
     parser = _ckpt_parser("cifarlab report", "Write an HTML report (curves, confusion matrix, mistakes + CAMs).")

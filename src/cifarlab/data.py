@@ -103,11 +103,16 @@ def decode_image(path: Path) -> np.ndarray:
         raise DataError(f"cannot read image {path}: {err}; remove or replace the file") from None
 
 
-def load_folder_split(root: Path, split: str, classes: list[str], cache_dir: Path) -> Split:
-    """Decode ``root/split`` into a ``Split``, through the uint8 cache in ``cache_dir``."""
+def load_folder_split(root: Path, split: str, classes: list[str], cache_dir: Path, load: bool = True) -> Split | None:
+    """Decode ``root/split`` into a ``Split``, through the uint8 cache in ``cache_dir``.
+
+    With ``load=False`` it only makes sure the cache is there (and returns None when it already was).
+    """
     files = list_folder_split(root, split, classes)
     key = folder_key(files, root)
     cache_file = cache_dir / f"{split}-{key}.npz"
+    if cache_file.exists() and not load:
+        return None
     if cache_file.exists():
         with np.load(cache_file, allow_pickle=False) as z:
             return Split(z["images"], z["labels"], [str(c) for c in z["classes"]], key)
@@ -290,12 +295,16 @@ class CIFARDataModule(L.LightningDataModule):
     # -- Lightning hooks
     def prepare_data(self) -> None:
         """Download CIFAR-10 or build the decode cache, once per machine (rank 0 only under DDP)."""
-        self.load_splits()
-
-    def load_splits(self) -> dict[str, Split]:
-        """The train and test splits as uint8 arrays (downloading or decoding on first use)."""
         if self.source == "cifar10":
             download_cifar10(self.data_root)
+            return
+        classes = folder_classes(self.data_root)
+        for split in ("train", "test"):
+            load_folder_split(self.data_root, split, classes, self.cache_dir, load=False)
+
+    def load_splits(self) -> dict[str, Split]:
+        """The train and test splits as uint8 arrays (a folder is decoded here if prepare_data did not run)."""
+        if self.source == "cifar10":
             return {s: load_cifar10_split(self.data_root, s) for s in ("train", "test")}
         root = self.data_root
         classes = folder_classes(root)
