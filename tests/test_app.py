@@ -121,3 +121,26 @@ def test_app_with_a_missing_checkpoint_is_one_line(capsys):
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not found" in err[0]
+
+
+def test_concurrent_requests_are_all_answered_correctly_with_bounded_memory(served, smoke_run):
+    """A smaller version of benchmarks/app_load.py (50 requests): every request in flight at once, twice."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from app_load import fire, pick_images, rss_mb
+
+    app, _, client = served
+    root, _, _ = smoke_run
+    images = pick_images(root, 12)
+    assert len({p.parent.name for p in images}) == 3  # every class is asked for
+    layer = list(app.layers)[-1]
+    first = fire(client, app, images, layer, "Grad-CAM")
+    after_first = rss_mb()
+    second = fire(client, app, images, layer, "Grad-CAM")
+    for wave in (first, second):
+        assert wave["errors"] == [] and wave["answered"] == 12 and wave["wrong"] == 0
+    # Steady state: a second identical wave must not keep the first one's memory growing (leaked CAM hooks,
+    # cached uploads, figures...). 12 requests of 32x32 images; the bound leaves room for allocator noise.
+    assert rss_mb() - after_first < 64

@@ -53,3 +53,9 @@ def test_every_recipe_trains(recipe, image_folder, tmp_path):
           "--run.dir", str(tmp_path), "--trainer.max_epochs", "1", "--data.batch_size", "16", "--data.val_size", "12",
           "--data.num_workers", "0", "--trainer.enable_progress_bar", "false"])
     assert list(tmp_path.glob(f"{recipe}/version_0/test_metrics.json"))
+
+
+def test_app_load_answers_every_request(smoke_run):
+    root, _, ckpt = smoke_run
+    out = _run("benchmarks/app_load.py", "--ckpt", ckpt, "--data.root", root, "--requests", "4", "--waves", "1")
+    assert "wave 1: answered 4/4, errors 0, wrong 0" in out

@@ -1,13 +1,20 @@
-"""Callbacks that every cifarlab Trainer gets: the end-of-test report and per-epoch throughput."""
+"""Callbacks: the end-of-test report, per-epoch throughput, checkpoints on interruption, RNG state in checkpoints,
+and the fast recipe's Lookahead."""
 
 from __future__ import annotations
 
+import os
+import random
 import time
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from cifarlab import report
 
@@ -17,10 +24,11 @@ class TestReport(L.Callback):
     in the run directory."""
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        confmat = pl_module.test_confmat.compute().cpu().numpy()  # every rank takes part in the sync
+        # Both are collective under DDP (a metric sync, a broadcast of the folder): every rank takes part.
+        confmat = pl_module.test_confmat.compute().cpu().numpy()
+        out = Path(trainer.log_dir or trainer.default_root_dir)
         if not trainer.is_global_zero:
             return
-        out = Path(trainer.log_dir or trainer.default_root_dir)
         out.mkdir(parents=True, exist_ok=True)
         dm = trainer.datamodule
         classes = getattr(dm, "classes", None) or [str(i) for i in range(len(confmat))]
@@ -46,6 +54,7 @@ class EpochSpeed(L.Callback):
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self._fit_start = time.perf_counter()
+        self.on_train_epoch_start(trainer, pl_module)  # a run resumed mid-epoch starts without that hook
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._images = 0
@@ -56,8 +65,60 @@ class EpochSpeed(L.Callback):
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         now = time.perf_counter()
-        pl_module.log("train_img_per_s", self._images / max(now - self._start, 1e-9))
+        # Every rank sees its own share of the batches: the run's throughput is world_size times this one's.
+        images = self._images * trainer.world_size
+        pl_module.log("train_img_per_s", images / max(now - self._start, 1e-9))
         pl_module.log("elapsed_s", now - self._fit_start)
+
+
+class InterruptCheckpoint(L.Callback):
+    """On Ctrl-C or SIGTERM during ``fit``, writes ``last.ckpt`` where it is, mid-epoch, before the run stops, so
+    ``cifarlab fit ... --ckpt_path last`` resumes at the same global step with the optimizer, LR schedule and RNG
+    state of the moment. The file is written beside and then renamed, so an interrupted save never leaves a
+    truncated ``last.ckpt``."""
+
+    def __init__(self, filename: str = "last"):
+        self.filename = filename
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        fitting = trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking  # validation included
+        if not isinstance(exception, (KeyboardInterrupt, SIGTERMException)) or not fitting:
+            return
+        folder = next((c.dirpath for c in trainer.checkpoint_callbacks
+                       if isinstance(c, ModelCheckpoint) and c.dirpath), None)
+        if folder is None:
+            return
+        final = Path(folder) / f"{self.filename}.ckpt"
+        tmp = final.with_name(final.name + ".tmp")
+        trainer.save_checkpoint(tmp)  # every rank takes part; only rank 0 writes
+        if trainer.is_global_zero:
+            os.replace(tmp, final)
+            rank_zero_info(f"interrupted at epoch {trainer.current_epoch}, step {trainer.global_step}: saved {final}; "
+                           "resume with the same command and --ckpt_path last")
+
+
+class RNGState(L.Callback):
+    """Saves the Python, NumPy and torch (CPU and CUDA) random states in checkpoints and restores them on resume,
+    so a resumed run draws the same shuffles and augmentations as one that was never stopped (from the next
+    epoch on; a run stopped mid-epoch reshuffles the rest of that epoch). Stored as tensors and lists, which
+    ``torch.load(weights_only=True)`` accepts."""
+
+    def state_dict(self) -> dict:
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        version, py_state, py_gauss = random.getstate()
+        return {"torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+                "python": [version, list(py_state), py_gauss]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        torch.set_rng_state(state_dict["torch"])
+        if state_dict["cuda"] and torch.cuda.is_available() and len(state_dict["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(state_dict["cuda"])
+        kind, keys, pos, has_gauss, gauss = state_dict["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+        version, py_state, py_gauss = state_dict["python"]
+        random.setstate((version, tuple(py_state), py_gauss))
 
 
 class TestEveryEpoch(L.Callback):

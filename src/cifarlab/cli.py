@@ -7,6 +7,7 @@
   cifarlab app      --ckpt PATH [--data.root DIR] [--host 127.0.0.1] [--port 7860]   Grad-CAM web app
   cifarlab predict  IMAGE... --ckpt PATH [--top_k 3]         top-k classes as JSON lines
   cifarlab report   --ckpt PATH [--data.root DIR] [--out DIR]  HTML report with curves, confusion, mistakes
+  cifarlab export   --ckpt PATH --format onnx [--out FILE]    a model for onnxruntime (preprocessing inside)
 
 fit/validate/test are LightningCLI's: every typed ``__init__`` argument of ``ImageClassifier``,
 ``CIFARDataModule`` and ``Trainer`` is a flag (``--model.lr``, ``--data.batch_size``, ``--trainer.max_epochs``).
@@ -16,17 +17,23 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
 import ctypes
 import ctypes.util
+import os
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
+from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ModelSummary
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from cifarlab.callbacks import EpochSpeed, TestReport
+from cifarlab.callbacks import EpochSpeed, InterruptCheckpoint, RNGState, TestReport
 from cifarlab.data import CIFARDataModule
 from cifarlab.errors import CifarlabError
 from cifarlab.module import ImageClassifier
@@ -39,7 +46,7 @@ class CifarLabCLI(LightningCLI):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("trainer_defaults", {
             "callbacks": [LearningRateMonitor(logging_interval="step"), ModelSummary(max_depth=3),
-                          EpochSpeed(), TestReport(), last_checkpoint()],
+                          EpochSpeed(), TestReport(), last_checkpoint(), InterruptCheckpoint(), RNGState()],
         })
         kwargs.setdefault("parser_kwargs", {"description": __doc__,
                                             "formatter_class": argparse.RawDescriptionHelpFormatter})
@@ -63,12 +70,55 @@ class CifarLabCLI(LightningCLI):
         # The head's size follows the data: folders with other class counts just work.
         parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
 
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads a --ckpt_path's hyperparameters into the model's config here. Read it safely first: a
+        # pickle payload or a non-checkpoint is a one-line error, and `fit` refuses to continue another network.
+        from cifarlab.inference import describe_model, read_checkpoint
+
+        sub = self.config.get("subcommand")
+        ckpt_path = self.config[sub].get("ckpt_path") if sub else None
+        if ckpt_path and ckpt_path != "last" and Path(ckpt_path).expanduser().is_file():
+            hparams = read_checkpoint(ckpt_path)["hyper_parameters"]
+            wanted = self.config[sub].get("model.arch")
+            if sub == "fit" and hparams.get("arch") != wanted:
+                raise CifarlabError(f"checkpoint {ckpt_path} holds another network ({describe_model(hparams)}); "
+                                    f"this run builds arch={wanted}: pass the recipe it was trained with, "
+                                    "or train anew without --ckpt_path")
+        super()._parse_ckpt_path()
+
     def before_instantiate_classes(self) -> None:
         # A missing --ckpt_path would otherwise surface as Lightning's traceback after the run has started.
         config = self.config[self.subcommand] if self.subcommand else self.config
         ckpt = config.get("ckpt_path")
-        if ckpt and ckpt not in ("last", "best", "hpc", "registry") and not Path(ckpt).expanduser().is_file():
+        self._resume_version = None
+        if ckpt == "last":
+            # Lightning looks for "last" in the new run's own (empty) folder: look in the run's earlier versions.
+            run_root = Path(config["run"]["dir"]) / config["run"]["name"]
+            found = latest_checkpoint(run_root)
+            if found is None:
+                raise CifarlabError(f"--ckpt_path last: no checkpoint under {run_root}/version_*/checkpoints/: "
+                                    "start the run without --ckpt_path (or pass the --run.dir/--run.name it used)")
+            config["ckpt_path"] = str(found)
+            if self.subcommand == "fit":
+                self._resume_version = int(found.parent.parent.name.split("_", 1)[1])  # log into the same run
+        elif ckpt and ckpt not in ("best", "hpc", "registry") and not Path(ckpt).expanduser().is_file():
             raise CifarlabError(f"--ckpt_path {ckpt} not found: pass a .ckpt written by `cifarlab fit`, or 'last'")
+
+    def _check_checkpoint(self) -> None:
+        """Refuse, in one line and before anything runs, a checkpoint with pickled objects or another network."""
+        from cifarlab.inference import check_fits, read_checkpoint
+
+        ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
+        if ckpt_path and Path(ckpt_path).expanduser().is_file():
+            check_fits(read_checkpoint(ckpt_path), self.model, ckpt_path)
+
+    before_fit = before_validate = before_test = _check_checkpoint
+
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        if "weights_only" in self._subcommand_method_arguments[subcommand]:
+            kwargs["weights_only"] = True  # Lightning's own loading: tensors and plain data only, never pickles
+        return kwargs
 
     def instantiate_trainer(self, **kwargs):
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
@@ -76,9 +126,14 @@ class CifarLabCLI(LightningCLI):
         if self.subcommand in ("fit", "validate", "test", "predict") and logger in (None, True):
             # TensorBoard and CSV logs, checkpoints, config and report share one run directory.
             root, name = Path(config["run"]["dir"]), config["run"]["name"]
-            version = next_version(root / name)
+            resume = getattr(self, "_resume_version", None) if self.subcommand == "fit" else None
+            version = next_version(root / name) if resume is None else resume
+            if os.environ.get("LOCAL_RANK", "0") != "0" and RUN_VERSION_ENV in os.environ:
+                version = int(os.environ[RUN_VERSION_ENV])  # a DDP worker launched by rank 0: its folder
+            os.environ[RUN_VERSION_ENV] = str(version)  # inherited by the DDP workers Lightning starts later
+            check_writable(root / name)  # now, not when the first checkpoint is due
             kwargs["logger"] = [TensorBoardLogger(root, name=name, version=version, default_hp_metric=False),
-                                CSVLogger(root, name=name, version=version)]
+                                KeepingCSVLogger(root, name=name, version=version)]
         elif self.subcommand is None:
             kwargs.setdefault("logger", False)  # stats / lr-find: no run directory
         return super().instantiate_trainer(**kwargs)
@@ -93,12 +148,51 @@ class CifarLabCLI(LightningCLI):
 
 
 LAST = "last"
+RUN_VERSION_ENV = "CIFARLAB_RUN_VERSION"
 
 
 def last_checkpoint() -> ModelCheckpoint:
     """Writes ``last.ckpt`` after every epoch. (Lightning 2.6's ``save_last=True`` only refreshes it when a
     top-k checkpoint is saved, so a run whose best epoch is not its final one would have a stale "last".)"""
     return ModelCheckpoint(filename=LAST, monitor=None, save_top_k=1, enable_version_counter=False)
+
+
+def latest_checkpoint(run_root: Path) -> Path | None:
+    """The newest ``version_*/checkpoints/last.ckpt`` under ``run_root`` (written every epoch and on interruption)."""
+    found = [p for p in run_root.glob(f"version_*/checkpoints/{LAST}.ckpt") if p.parent.parent.name[8:].isdigit()]
+    return max(found, key=lambda p: p.stat().st_mtime_ns, default=None)
+
+
+def check_writable(folder: Path) -> None:
+    """Create ``folder`` and write a file in it, or raise a one-line error naming it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise CifarlabError(f"cannot write the run directory {folder} ({err.strerror or err}): "
+                            "pass --run.dir to a writable folder with free space") from None
+
+
+class _KeepingWriter(ExperimentWriter):
+    """Lightning's CSV writer deletes an existing ``metrics.csv``; a resumed run appends to it instead."""
+
+    def _check_log_dir_exists(self) -> None:
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as file:
+                self.metrics_keys = next(csv.reader(file), [])
+
+
+class KeepingCSVLogger(CSVLogger):
+    """``CSVLogger`` that keeps the rows already in ``metrics.csv`` (see ``_KeepingWriter``)."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _KeepingWriter(log_dir=self.log_dir)
+        return self._experiment
 
 
 def next_version(folder: Path) -> int:
@@ -260,6 +354,25 @@ def report_main(argv: list[str]) -> None:
     print(f"report: {write_report(model, test, Path(opts.ckpt), out, opts.count)}")
 
 
+def export_main(argv: list[str]) -> None:
+    """``cifarlab export``: the checkpoint as an ONNX model (uint8 images in, probabilities out)."""
+    from cifarlab.export import export_onnx
+    from cifarlab.inference import load_classifier
+
+    parser = argparse.ArgumentParser(prog="cifarlab export", description="Export a checkpoint for deployment.")
+    parser.add_argument("--ckpt", required=True, help="A checkpoint written by `cifarlab fit`.")
+    parser.add_argument("--format", default="onnx", choices=["onnx"], help="Only ONNX for now.")
+    parser.add_argument("--out", default=None, help="Output file (default: beside the checkpoint, .onnx).")
+    parser.add_argument("--tta", action="store_true", help="Include the recipe's test-time augmentation.")
+    parser.add_argument("--opset", type=int, default=18, help="ONNX opset version.")
+    opts = parser.parse_args(argv)
+    model = load_classifier(opts.ckpt)
+    out = Path(opts.out) if opts.out else Path(opts.ckpt).with_suffix(".onnx")
+    path = export_onnx(model, out, tta=opts.tta, opset=opts.opset)
+    print(f"exported {path} ({path.stat().st_size / 2**20:.1f} MB): input 'images' (N, 3, 32, 32) uint8 RGB, "
+          f"output 'probs' (N, {len(model.class_names)}) over {', '.join(model.class_names)}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``cifarlab`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -269,7 +382,7 @@ def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", message=".*Experiment logs directory .* exists and is not empty.*")
     tune_malloc()
     commands = {"stats": stats_main, "lr-find": lr_find_main, "lr_find": lr_find_main, "app": app_main,
-                "predict": predict_main, "report": report_main}
+                "predict": predict_main, "report": report_main, "export": export_main}
     try:
         if argv and argv[0] in commands:
             commands[argv[0]](argv[1:])
@@ -281,6 +394,9 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("cifarlab: interrupted", file=sys.stderr)
         raise SystemExit(130) from None
+    except SIGTERMException:  # Lightning stopped the run at a batch boundary (after saving last.ckpt)
+        print("cifarlab: stopped by SIGTERM", file=sys.stderr)
+        raise SystemExit(143) from None
 
 
 if __name__ == "__main__":

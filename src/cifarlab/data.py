@@ -21,6 +21,7 @@ from typing import Literal
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
@@ -100,32 +101,58 @@ def decode_image(path: Path) -> np.ndarray:
             img.load()  # decode now, so a truncated file fails here rather than later
             return pil_to_uint8(img)
     except (OSError, ValueError, Image.DecompressionBombError) as err:
-        raise DataError(f"cannot read image {path}: {err}; remove or replace the file") from None
+        raise DataError(f"cannot read image {path}: {err}; remove or replace the file, "
+                        "or pass --data.skip_corrupt true to leave such files out") from None
 
 
-def load_folder_split(root: Path, split: str, classes: list[str], cache_dir: Path, load: bool = True) -> Split | None:
+def _report_skipped(skipped: list[str], folder: Path, skip_corrupt: bool) -> None:
+    if not skipped:
+        return
+    if not skip_corrupt:  # the cache was built with skip_corrupt; this run asked for every file to be read
+        decode_image(folder / skipped[0])  # raises the usual one-line error, naming the file
+    rank_zero_warn(f"skipped {len(skipped)} unreadable image file(s) in {folder} (first: {skipped[0]}); "
+                   "they are left out of the data")
+
+
+def load_folder_split(root: Path, split: str, classes: list[str], cache_dir: Path, load: bool = True,
+                      skip_corrupt: bool = False) -> Split | str:
     """Decode ``root/split`` into a ``Split``, through the uint8 cache in ``cache_dir``.
 
-    With ``load=False`` it only makes sure the cache is there (and returns None when it already was).
+    With ``load=False`` it only makes sure the cache is there and returns its key. With ``skip_corrupt``,
+    files that do not decode are left out with a warning that counts them (and the cache remembers them).
     """
     files = list_folder_split(root, split, classes)
     key = folder_key(files, root)
     cache_file = cache_dir / f"{split}-{key}.npz"
-    if cache_file.exists() and not load:
-        return None
     if cache_file.exists():
+        if not load:
+            return key
         with np.load(cache_file, allow_pickle=False) as z:
+            skipped = [str(f) for f in z["skipped"]] if "skipped" in z else []
+            _report_skipped(skipped, root, skip_corrupt)
             return Split(z["images"], z["labels"], [str(c) for c in z["classes"]], key)
-    images = np.stack([decode_image(p) for p, _ in files])
-    labels = np.array([label for _, label in files], dtype=np.int64)
+    images, labels, skipped = [], [], []
+    for path, label in files:
+        try:
+            images.append(decode_image(path))
+        except DataError:
+            if not skip_corrupt:
+                raise
+            skipped.append(str(path.relative_to(root)))
+            continue
+        labels.append(label)
+    if not images:
+        raise DataError(f"no readable image in {root / split}: check the files")
+    images, labels = np.stack(images), np.array(labels, dtype=np.int64)
+    _report_skipped(skipped, root, skip_corrupt)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = cache_file.with_name(cache_file.name + ".tmp.npz")
-    np.savez(tmp, images=images, labels=labels, classes=np.array(classes))
+    tmp = cache_file.with_name(f"{cache_file.name}.{os.getpid()}.tmp.npz")
+    np.savez(tmp, images=images, labels=labels, classes=np.array(classes), skipped=np.array(skipped, dtype=str))
     os.replace(tmp, cache_file)  # atomic: an interrupted run never leaves a half-written cache
     for stale in cache_dir.glob(f"{split}-*.npz"):
-        if stale != cache_file:
+        if stale != cache_file and ".tmp." not in stale.name:
             stale.unlink(missing_ok=True)
-    return Split(images, labels, classes, key)
+    return key if not load else Split(images, labels, classes, key)
 
 
 # ---------------------------------------------------------------------------------------------- cifar10
@@ -229,6 +256,8 @@ class CIFARDataModule(L.LightningDataModule):
         num_workers: DataLoader worker processes; only the albumentations back end needs any.
         cache_dir: where decoded arrays and statistics are cached (default ``<root>/.cifarlab-cache``, or
             ``~/.cache/cifarlab/...`` when the root is read-only).
+        skip_corrupt: leave out image files that do not decode (with a warning that counts them) instead of
+            stopping with an error that names the first one.
     """
 
     def __init__(
@@ -242,6 +271,7 @@ class CIFARDataModule(L.LightningDataModule):
         augment: AugmentConfig | None = None,
         num_workers: int = 0,
         cache_dir: str | None = None,
+        skip_corrupt: bool = False,
     ):
         super().__init__()
         augment = AugmentConfig(**augment) if isinstance(augment, dict) else (augment or AugmentConfig())
@@ -257,6 +287,7 @@ class CIFARDataModule(L.LightningDataModule):
         self.augment = augment
         self.num_workers = num_workers
         self._cache_dir = cache_dir
+        self.skip_corrupt = skip_corrupt
         # Filled by setup(): nothing is loaded before it (prepare_data may run on another process).
         self.classes: list[str] | None = None
         self.mean: list[float] | None = None
@@ -294,13 +325,22 @@ class CIFARDataModule(L.LightningDataModule):
 
     # -- Lightning hooks
     def prepare_data(self) -> None:
-        """Download CIFAR-10 or build the decode cache, once per machine (rank 0 only under DDP)."""
+        """Download CIFAR-10 or build the decode cache, and the statistics, once per machine (under DDP on local
+        rank 0 only, while the other ranks wait: they only read in ``setup``)."""
         if self.source == "cifar10":
             download_cifar10(self.data_root)
-            return
-        classes = folder_classes(self.data_root)
-        for split in ("train", "test"):
-            load_folder_split(self.data_root, split, classes, self.cache_dir, load=False)
+            train = load_cifar10_split(self.data_root, "train")
+        else:
+            classes = folder_classes(self.data_root)
+            key = load_folder_split(self.data_root, "test", classes, self.cache_dir, load=False,
+                                    skip_corrupt=self.skip_corrupt)
+            key = load_folder_split(self.data_root, "train", classes, self.cache_dir, load=False,
+                                    skip_corrupt=self.skip_corrupt)
+            if (self.cache_dir / f"stats-{key}.json").exists():
+                return
+            train = load_folder_split(self.data_root, "train", classes, self.cache_dir, skip_corrupt=self.skip_corrupt)
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        cached_channel_stats(train.images, self.cache_dir / f"stats-{train.key}.json")
 
     def load_splits(self) -> dict[str, Split]:
         """The train and test splits as uint8 arrays (a folder is decoded here if prepare_data did not run)."""
@@ -308,7 +348,8 @@ class CIFARDataModule(L.LightningDataModule):
             return {s: load_cifar10_split(self.data_root, s) for s in ("train", "test")}
         root = self.data_root
         classes = folder_classes(root)
-        return {s: load_folder_split(root, s, classes, self.cache_dir) for s in ("train", "test")}
+        return {s: load_folder_split(root, s, classes, self.cache_dir, skip_corrupt=self.skip_corrupt)
+                for s in ("train", "test")}
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -331,7 +372,16 @@ class CIFARDataModule(L.LightningDataModule):
 
     def _loader(self, dataset, batch_size: int, shuffle: bool, drop_last: bool = False) -> DataLoader:
         workers = self.num_workers if dataset.transform is not None else 0
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
+        sampler = None
+        trainer = self.trainer
+        if not shuffle and trainer is not None and trainer.world_size > 1:
+            # Lightning's DistributedSampler pads evaluation sets by repeating images until every rank has as
+            # many; this one splits them exactly, so validation and test accuracy count each image once.
+            from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+
+            sampler = UnrepeatedDistributedSampler(dataset, num_replicas=trainer.world_size, rank=trainer.global_rank,
+                                                   shuffle=False)
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, sampler=sampler,
                           num_workers=workers, persistent_workers=workers > 0,
                           collate_fn=_batch_is_collated, pin_memory=torch.cuda.is_available())
 

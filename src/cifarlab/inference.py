@@ -29,14 +29,12 @@ class ImageError(CifarlabError):
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
-def load_classifier(path: str | Path, map_location: str | torch.device = "cpu"):
-    """Rebuild an ``ImageClassifier`` from a checkpoint alone, without unpickling arbitrary objects.
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """Load a cifarlab checkpoint as plain data, without unpickling arbitrary objects.
 
     ``torch.load(weights_only=True)`` only accepts tensors and plain containers, so a crafted checkpoint
-    carrying a pickle payload is refused before any of its code can run.
+    carrying a pickle payload is refused (a ``CifarlabError``) before any of its code can run.
     """
-    from cifarlab.module import ImageClassifier
-
     path = Path(path).expanduser()
     if not path.is_file():
         raise CifarlabError(f"checkpoint {path} not found: pass the .ckpt of a run, e.g. "
@@ -44,7 +42,12 @@ def load_classifier(path: str | Path, map_location: str | torch.device = "cpu"):
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if "Unsupported global" not in str(err):  # no code reference refused: bytes of something else
+            raise CifarlabError(f"{path} is not a readable PyTorch checkpoint (UnpicklingError): "
+                                "pass a .ckpt file written by `cifarlab fit`") from None
+        # torch names the refused global in its message ("Unsupported global: GLOBAL exec ..."): show that line.
+        lines = [ln.strip() for ln in str(err).splitlines() if "Unsupported global" in ln] or ["pickled objects"]
+        first = lines[0]
         raise CifarlabError(f"refusing to load {path}: it holds pickled objects, not only weights and plain data "
                             f"({first[:160]}); load checkpoints written by cifarlab only") from None
     except Exception as err:  # torch.load raises anything from KeyError to RuntimeError on a non-checkpoint
@@ -53,6 +56,31 @@ def load_classifier(path: str | Path, map_location: str | torch.device = "cpu"):
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
         raise CifarlabError(f"{path} is not a cifarlab checkpoint (no state_dict/hyper_parameters): "
                             "pass a .ckpt file written by `cifarlab fit`")
+    return ckpt
+
+
+def describe_model(hparams: dict) -> str:
+    """``arch=airbench, 10 classes``: what a checkpoint or a configuration builds."""
+    names = hparams.get("class_names")
+    return f"arch={hparams.get('arch')}, {len(names) if names else hparams.get('num_classes')} classes"
+
+
+def check_fits(ckpt: dict, model, path: str | Path) -> None:
+    """One-line error unless ``ckpt``'s weights have exactly the names and shapes of ``model``'s."""
+    own = model.state_dict()
+    theirs = ckpt["state_dict"]
+    bad = sorted(set(own) ^ set(theirs)) or [k for k in own if tuple(own[k].shape) != tuple(theirs[k].shape)]
+    if bad:
+        raise CifarlabError(f"checkpoint {path} holds another network ({describe_model(ckpt['hyper_parameters'])}; "
+                            f"this run builds {describe_model(dict(model.hparams))}; first mismatch: {bad[0]}): "
+                            "pass the recipe it was trained with, or train anew without --ckpt_path")
+
+
+def load_classifier(path: str | Path, map_location: str | torch.device = "cpu"):
+    """Rebuild an ``ImageClassifier`` from a checkpoint alone (see ``read_checkpoint``: no pickle payloads)."""
+    from cifarlab.module import ImageClassifier
+
+    ckpt = read_checkpoint(path, map_location)
     # Keys with a leading underscore are Lightning's bookkeeping (e.g. LightningCLI's ``_instantiator``).
     hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if not k.startswith("_")}
     try:

@@ -139,7 +139,7 @@ class ImageClassifier(L.LightningModule):
     def validation_step(self, batch, batch_idx: int) -> None:
         logits, y, loss = self._step(batch)
         self.val_acc(logits, y)
-        self.log("val_loss", loss, prog_bar=True)
+        self.log("val_loss", loss, prog_bar=True, sync_dist=True)  # averaged over DDP ranks (metrics sync anyway)
         self.log("val_acc", self.val_acc, prog_bar=True)
 
     def on_test_epoch_start(self) -> None:
@@ -151,7 +151,7 @@ class ImageClassifier(L.LightningModule):
         self.test_probs.append(logits.float().softmax(1).cpu())
         self.test_acc(logits, y)
         self.test_confmat.update(logits.argmax(1), y)
-        self.log("test_loss", loss)
+        self.log("test_loss", loss, sync_dist=True)
         self.log("test_acc", self.test_acc)
 
     def predict_step(self, batch, batch_idx: int) -> torch.Tensor:

@@ -41,7 +41,7 @@ def cached_channel_stats(images: np.ndarray, cache_file: Path) -> tuple[list[flo
         except (ValueError, KeyError):
             pass  # unreadable cache: recompute and overwrite it below
     mean, std = channel_stats(images)
-    tmp = cache_file.with_suffix(".tmp")
+    tmp = cache_file.with_name(f"{cache_file.name}.{os.getpid()}.tmp")  # per process: ranks may race here
     tmp.write_text(json.dumps({"mean": mean, "std": std, "num_images": len(images)}, indent=2))
     os.replace(tmp, cache_file)
     return mean, std

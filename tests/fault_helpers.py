@@ -1,0 +1,37 @@
+"""Callbacks the fault tests load into `cifarlab fit` subprocesses (with this folder on PYTHONPATH)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import lightning as L
+
+
+class SlowAfter(L.Callback):
+    """From global step ``step`` on: touch ``marker`` (so the test knows to send its signal) and sleep ``pause``
+    seconds after every batch, so the signal lands mid-epoch rather than after the run has finished."""
+
+    def __init__(self, step: int, marker: str, pause: float = 0.5):
+        self.step, self.marker, self.pause = step, Path(marker), pause
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step >= self.step:
+            self.marker.touch()
+            time.sleep(self.pause)
+
+
+class RankMetrics(L.Callback):
+    """Each rank writes the metrics it logged after every validation to ``<folder>/rank<r>.json``."""
+
+    def __init__(self, folder: str):
+        self.folder = Path(folder)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        metrics["world_size"] = trainer.world_size
+        (self.folder / f"rank{trainer.global_rank}.json").write_text(json.dumps(metrics))
