@@ -2,17 +2,19 @@
 
     python benchmarks/app_load.py --ckpt RUN/checkpoints/last.ckpt --data.root DIR [--requests 50] [--waves 2]
 
-Serves the app in this process on 127.0.0.1 (as `cifarlab app` does), submits N requests at once through one
-gradio_client (each a different test image), waits for all, and checks every answer's top class against the
-model called directly on the same file. Reports errors, wrong answers, wall time, per-request latency
-(p50/p95/max, queueing included: the app runs one request at a time on purpose) and the server's resident
-memory after each wave; a second wave shows whether memory keeps growing (it should not).
+Starts `cifarlab app` as its own process on 127.0.0.1, submits N requests at once through one gradio_client
+(each a different test image), waits for all, and checks every answer's top class against the model called
+directly on the same file. Reports errors, wrong answers, wall time, per-request latency (p50/p95/max,
+queueing included: the app runs one request at a time on purpose) and the server process's resident memory
+after each wave; further waves show whether that memory keeps growing.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,10 +26,10 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import numpy as np  # noqa: E402
 
 
-def rss_mb() -> float:
-    """Resident memory of this process (the server runs in it), MB; Linux only (nan elsewhere)."""
+def rss_mb(pid: int | str = "self") -> float:
+    """Resident memory of a process (default: this one), MB; Linux only (nan elsewhere)."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     except OSError:
@@ -42,13 +44,16 @@ def pick_images(root: Path, n: int) -> list[Path]:
     return picked[:n]
 
 
-def fire(client, app, images: list[Path], layer: str, method: str) -> dict:
-    """Submit every request at once, wait for all; returns counts, latencies (s) and the wall time (s)."""
+def fire(client, model, images: list[Path], layer: str, method: str) -> dict:
+    """Submit every request at once, wait for all; returns counts, latencies (s) and the wall time (s).
+
+    Every answer's top class is checked against ``model`` (the app's checkpoint) called on the same file.
+    """
     from gradio_client import handle_file
 
     from cifarlab.inference import classify, decode_upload, model_input
 
-    expected = [app.classes[int(classify(app.model, model_input(decode_upload(p)))[0].argmax())] for p in images]
+    expected = [model.class_names[int(classify(model, model_input(decode_upload(p)))[0].argmax())] for p in images]
     start = time.perf_counter()
 
     def one(path: Path):
@@ -72,41 +77,63 @@ def fire(client, app, images: list[Path], layer: str, method: str) -> dict:
             "wall": time.perf_counter() - start}
 
 
+def start_server(ckpt: str, root: str, port: int) -> subprocess.Popen:
+    """``cifarlab app`` in its own process, as a user starts it; returns once it answers HTTP."""
+    import urllib.request
+
+    server = subprocess.Popen([sys.executable, "-m", "cifarlab.cli", "app", "--ckpt", ckpt, "--data.root", root,
+                               "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise SystemExit(f"cifarlab app exited with status {server.returncode}")
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2)
+            return server
+        except OSError:
+            time.sleep(0.5)
+    server.kill()
+    raise SystemExit("cifarlab app did not answer within 180 s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True)
     parser.add_argument("--data.root", dest="root", required=True, help="ImageFolder root (its test/ images are sent)")
     parser.add_argument("--requests", type=int, default=50)
     parser.add_argument("--waves", type=int, default=2)
-    parser.add_argument("--layer", default=None, help="CAM layer (default: the app's default)")
+    parser.add_argument("--port", type=int, default=7861)
+    parser.add_argument("--layer", default=None, help="CAM layer (default: the deepest, as in the app)")
     parser.add_argument("--method", default="Grad-CAM")
     opts = parser.parse_args()
 
     from gradio_client import Client
 
-    from cifarlab.app import CifarApp, launch
+    from cifarlab import cam as cams
+    from cifarlab.inference import load_classifier
 
-    app = CifarApp(opts.ckpt, opts.root)
-    layer = opts.layer or list(app.layers)[-1]
-    demo = launch(app, "127.0.0.1", None, block=False)
+    model = load_classifier(opts.ckpt)
+    layer = opts.layer or next(iter(cams.target_layers(model.net)))  # the app's default
+    server = start_server(opts.ckpt, opts.root, opts.port)
     try:
-        client = Client(demo.local_url, verbose=False)
+        client = Client(f"http://127.0.0.1:{opts.port}/", verbose=False)
         images = pick_images(Path(opts.root), opts.requests)
-        print(f"{opts.requests} concurrent /classify requests ({layer}, {opts.method}); server RSS at start "
-              f"{rss_mb():.0f} MB")
+        print(f"{opts.requests} concurrent /classify requests ({layer}, {opts.method}) to `cifarlab app` "
+              f"(pid {server.pid}); its RSS before the first: {rss_mb(server.pid):.0f} MB")
         failed = False
         for wave in range(1, opts.waves + 1):
-            r = fire(client, app, images, layer, opts.method)
+            r = fire(client, model, images, layer, opts.method)
             lat = np.array(r["latencies"]) * 1000 if r["latencies"] else np.array([np.nan])
             print(f"wave {wave}: answered {r['answered']}/{opts.requests}, errors {len(r['errors'])}, "
                   f"wrong {r['wrong']}, wall {r['wall']:.1f} s ({opts.requests / r['wall']:.1f} req/s), latency "
                   f"p50 {np.percentile(lat, 50):.0f} ms, p95 {np.percentile(lat, 95):.0f} ms, max {lat.max():.0f} ms; "
-                  f"server RSS {rss_mb():.0f} MB")
+                  f"server RSS {rss_mb(server.pid):.0f} MB", flush=True)
             for err in r["errors"][:5]:
                 print(f"  error: {err}")
             failed |= bool(r["errors"]) or r["wrong"] > 0
     finally:
-        demo.close()
+        server.terminate()
+        server.wait(timeout=30)
     raise SystemExit(1 if failed else 0)
 
 

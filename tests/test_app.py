@@ -135,10 +135,10 @@ def test_concurrent_requests_are_all_answered_correctly_with_bounded_memory(serv
     root, _, _ = smoke_run
     images = pick_images(root, 12)
     assert len({p.parent.name for p in images}) == 3  # every class is asked for
-    layer = list(app.layers)[-1]
-    first = fire(client, app, images, layer, "Grad-CAM")
+    layer = next(iter(app.layers))  # the default
+    first = fire(client, app.model, images, layer, "Grad-CAM")
     after_first = rss_mb()
-    second = fire(client, app, images, layer, "Grad-CAM")
+    second = fire(client, app.model, images, layer, "Grad-CAM")
     for wave in (first, second):
         assert wave["errors"] == [] and wave["answered"] == 12 and wave["wrong"] == 0
     # Steady state: a second identical wave must not keep the first one's memory growing (leaked CAM hooks,
