@@ -149,5 +149,5 @@ def test_concurrent_requests_are_all_answered_correctly_without_leaking(served, 
     for wave in waves:
         assert wave["errors"] == [] and wave["answered"] == 12 and wave["wrong"] == 0
     # Python objects still alive after 24 more requests (uploads, CAMs, panels, hooks, figures would each be
-    # 10-150 KB per request): Gradio's own bookkeeping is ~2 KB per request.
+    # 10-150 KB per request); Gradio keeps a small record per event.
     assert grown < 24 * 16 * 1024, f"{grown / 1024:.0f} KB kept after 24 requests"

@@ -75,7 +75,8 @@ class InterruptCheckpoint(L.Callback):
     """On Ctrl-C or SIGTERM during ``fit``, writes ``last.ckpt`` where it is, mid-epoch, before the run stops, so
     ``cifarlab fit ... --ckpt_path last`` resumes at the same global step with the optimizer, LR schedule and RNG
     state of the moment. The file is written beside and then renamed, so an interrupted save never leaves a
-    truncated ``last.ckpt``."""
+    truncated ``last.ckpt``. (Lightning's ``OnExceptionCheckpoint`` needs its folder before the run folder
+    exists, saves on any error, NaN losses included, and writes in place.)"""
 
     def __init__(self, filename: str = "last"):
         self.filename = filename
@@ -90,7 +91,7 @@ class InterruptCheckpoint(L.Callback):
             return
         final = Path(folder) / f"{self.filename}.ckpt"
         tmp = final.with_name(final.name + ".tmp")
-        trainer.save_checkpoint(tmp)  # every rank takes part; only rank 0 writes
+        trainer.save_checkpoint(tmp, weights_only=False)  # the full state; every rank takes part, rank 0 writes
         if trainer.is_global_zero:
             os.replace(tmp, final)
             rank_zero_info(f"interrupted at epoch {trainer.current_epoch}, step {trainer.global_step}: saved {final}; "

@@ -78,7 +78,8 @@ class CifarLabCLI(LightningCLI):
         sub = self.config.get("subcommand")
         ckpt_path = self.config[sub].get("ckpt_path") if sub else None
         if ckpt_path and ckpt_path != "last" and Path(ckpt_path).expanduser().is_file():
-            hparams = read_checkpoint(ckpt_path)["hyper_parameters"]
+            self._checkpoint = (ckpt_path, read_checkpoint(ckpt_path))  # reused by _check_checkpoint
+            hparams = self._checkpoint[1]["hyper_parameters"]
             wanted = self.config[sub].get("model.arch")
             if sub == "fit" and hparams.get("arch") != wanted:
                 raise CifarlabError(f"checkpoint {ckpt_path} holds another network ({describe_model(hparams)}); "
@@ -110,7 +111,9 @@ class CifarLabCLI(LightningCLI):
 
         ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
         if ckpt_path and Path(ckpt_path).expanduser().is_file():
-            check_fits(read_checkpoint(ckpt_path), self.model, ckpt_path)
+            read = getattr(self, "_checkpoint", None)  # already read by _parse_ckpt_path, unless it was "last"
+            ckpt = read[1] if read and read[0] == ckpt_path else read_checkpoint(ckpt_path)
+            check_fits(ckpt, self.model, ckpt_path)
 
     before_fit = before_validate = before_test = _check_checkpoint
 

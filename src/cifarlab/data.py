@@ -118,7 +118,8 @@ def load_folder_split(root: Path, split: str, classes: list[str], cache_dir: Pat
                       skip_corrupt: bool = False) -> Split | str:
     """Decode ``root/split`` into a ``Split``, through the uint8 cache in ``cache_dir``.
 
-    With ``load=False`` it only makes sure the cache is there and returns its key. With ``skip_corrupt``,
+    With ``load=False`` it only makes sure the cache is there: it returns the cache's key, or the ``Split`` when it
+    had to decode it just now (the arrays are in hand, no need to read them back). With ``skip_corrupt``,
     files that do not decode are left out with a warning that counts them (and the cache remembers them).
     """
     files = list_folder_split(root, split, classes)
@@ -152,7 +153,7 @@ def load_folder_split(root: Path, split: str, classes: list[str], cache_dir: Pat
     for stale in cache_dir.glob(f"{split}-*.npz"):
         if stale != cache_file and ".tmp." not in stale.name:
             stale.unlink(missing_ok=True)
-    return key if not load else Split(images, labels, classes, key)
+    return Split(images, labels, classes, key)
 
 
 # ---------------------------------------------------------------------------------------------- cifar10
@@ -332,13 +333,16 @@ class CIFARDataModule(L.LightningDataModule):
             train = load_cifar10_split(self.data_root, "train")
         else:
             classes = folder_classes(self.data_root)
-            key = load_folder_split(self.data_root, "test", classes, self.cache_dir, load=False,
-                                    skip_corrupt=self.skip_corrupt)
-            key = load_folder_split(self.data_root, "train", classes, self.cache_dir, load=False,
-                                    skip_corrupt=self.skip_corrupt)
+            load_folder_split(self.data_root, "test", classes, self.cache_dir, load=False,
+                              skip_corrupt=self.skip_corrupt)
+            train = load_folder_split(self.data_root, "train", classes, self.cache_dir, load=False,
+                                      skip_corrupt=self.skip_corrupt)
+            key = train if isinstance(train, str) else train.key
             if (self.cache_dir / f"stats-{key}.json").exists():
                 return
-            train = load_folder_split(self.data_root, "train", classes, self.cache_dir, skip_corrupt=self.skip_corrupt)
+            if isinstance(train, str):  # cached earlier, statistics not yet: read the arrays back
+                train = load_folder_split(self.data_root, "train", classes, self.cache_dir,
+                                          skip_corrupt=self.skip_corrupt)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         cached_channel_stats(train.images, self.cache_dir / f"stats-{train.key}.json")
 

@@ -46,8 +46,7 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             raise CifarlabError(f"{path} is not a readable PyTorch checkpoint (UnpicklingError): "
                                 "pass a .ckpt file written by `cifarlab fit`") from None
         # torch names the refused global in its message ("Unsupported global: GLOBAL exec ..."): show that line.
-        lines = [ln.strip() for ln in str(err).splitlines() if "Unsupported global" in ln] or ["pickled objects"]
-        first = lines[0]
+        first = next(ln.strip() for ln in str(err).splitlines() if "Unsupported global" in ln)
         raise CifarlabError(f"refusing to load {path}: it holds pickled objects, not only weights and plain data "
                             f"({first[:160]}); load checkpoints written by cifarlab only") from None
     except Exception as err:  # torch.load raises anything from KeyError to RuntimeError on a non-checkpoint
