@@ -3,8 +3,9 @@
     python benchmarks/throughput.py --data.root /tmp/cifar10-jpeg [--steps 20] [--warmup 5] [--batch_size 256]
 
 (a) seed-style: fp32, NCHW, per-sample albumentations in a DataLoader with 2 workers, Adam, default malloc.
-(b) cifarlab: bf16-mixed autocast, channels-last, the same augmentation batched on uint8 tensors, the same
-    optimizer, glibc malloc tuned as `cifarlab` does.
+(b) cifarlab: the precision cifarlab picks for this CPU (bf16-mixed autocast where bf16 is native, else fp32),
+    channels-last, the same augmentation batched on uint8 tensors, the same optimizer,
+    glibc malloc tuned as `cifarlab` does.
 Each runs in its own process (malloc settings are per process) through the Lightning Trainer; images/s are
 measured over `--steps` optimizer steps after `--warmup` steps. Prints both and the ratio.
 """
@@ -17,10 +18,13 @@ import subprocess
 import sys
 import time
 
+from cifarlab.precision import fastest_precision
+
 PATHS = {
     "seed": {"precision": "32-true", "channels_last": False, "backend": "albumentations", "workers": 2,
              "malloc": False},
-    "cifarlab": {"precision": "bf16-mixed", "channels_last": True, "backend": "tensor", "workers": 0, "malloc": True},
+    "cifarlab": {"precision": fastest_precision("cpu"), "channels_last": True, "backend": "tensor", "workers": 0,
+                 "malloc": True},
 }
 
 

@@ -34,6 +34,11 @@ def test_latency_reports_both_networks():
     assert out.count("| custom_resnet |") == 2 and out.count("| airbench |") == 2
 
 
+def test_precision_compares_fp32_and_bf16():
+    out = _run("benchmarks/precision.py", "--batch_size", "4", "--steps", "1", "--archs", "airbench")
+    assert "cifarlab picks: " in out and out.count("| airbench |") == 1
+
+
 def test_app_latency_and_faithfulness(smoke_run):
     root, run, ckpt = smoke_run
     out = _run("benchmarks/app_latency.py", "--ckpt", ckpt, "--repeats", "1")
@@ -45,7 +50,7 @@ def test_app_latency_and_faithfulness(smoke_run):
     assert "| 2 |" in out and "Final test" in out
 
 
-@pytest.mark.parametrize("recipe", ["seed", "page", "fast"])
+@pytest.mark.parametrize("recipe", ["seed", "page", "fast", "muon"])
 def test_every_recipe_trains(recipe, image_folder, tmp_path):
     from cifarlab.cli import main
 

@@ -167,3 +167,38 @@ def test_cifar10_download_failure_is_one_clear_line(tmp_path, monkeypatch):
     dm = CIFARDataModule(root=str(tmp_path / "c10"), source="cifar10")
     with pytest.raises(DataError, match="could not download CIFAR-10.*--data.root"):
         dm.prepare_data()
+
+
+def test_alternating_flips_mirror_each_image_every_other_epoch(image_folder):
+    from types import SimpleNamespace
+
+    from cifarlab.transforms import AugmentConfig
+
+    torch.manual_seed(3)
+    dm = _dm(image_folder, augment=AugmentConfig(backend="tensor", pad=0, cutout_size=0, alternate_flips=True))
+    dm.trainer = SimpleNamespace(current_epoch=0, world_size=1)
+    dm.setup("fit")
+    idx = list(range(len(dm.train_set)))
+    raw, _ = dm.train_set.batch(idx)
+    served = []
+    for epoch in range(3):
+        dm.trainer.current_epoch = epoch
+        assert len(next(iter(dm.train_dataloader()))[0]) == 8  # the loader serves through the same path
+        served.append(dm.train_set.__getitems__(idx)[0])
+    flipped = (served[0] == raw.flip(3)).flatten(1).all(1)
+    assert ((served[0] == raw).flatten(1).all(1) | flipped).all()
+    assert 15 <= int(flipped.sum()) <= 45  # a random half in the first epoch
+    assert torch.equal(served[1], served[0].flip(3))  # every image the other way round in the next
+    assert torch.equal(served[2], served[0])
+    # The batch augmentation itself then adds no flips of its own.
+    aug = dm.train_transform()
+    assert torch.equal(aug(raw), raw.contiguous())
+
+
+def test_alternating_flips_need_the_tensor_backend(image_folder):
+    from cifarlab.errors import ConfigError
+    from cifarlab.transforms import AugmentConfig
+
+    dm = _dm(image_folder, augment=AugmentConfig(backend="albumentations", alternate_flips=True))
+    with pytest.raises(ConfigError, match="backend tensor"):
+        dm.setup("fit")

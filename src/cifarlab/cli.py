@@ -37,6 +37,7 @@ from cifarlab.callbacks import EpochSpeed, InterruptCheckpoint, RNGState, TestRe
 from cifarlab.data import CIFARDataModule
 from cifarlab.errors import CifarlabError
 from cifarlab.module import ImageClassifier
+from cifarlab.precision import fastest_precision
 
 
 class CifarLabCLI(LightningCLI):
@@ -88,8 +89,15 @@ class CifarLabCLI(LightningCLI):
         super()._parse_ckpt_path()
 
     def before_instantiate_classes(self) -> None:
-        # A missing --ckpt_path would otherwise surface as Lightning's traceback after the run has started.
         config = self.config[self.subcommand] if self.subcommand else self.config
+        if config["trainer"].get("precision") is None:
+            # Recipes leave precision to the machine: bf16 where it is native, fp32 on CPUs that only emulate it.
+            precision = fastest_precision(config["trainer"].get("accelerator"))
+            config["trainer"]["precision"] = precision
+            if os.environ.get("LOCAL_RANK", "0") == "0":
+                # stdout, like Lightning's own device lines: stderr stays for errors (one line each).
+                print(f"cifarlab: precision {precision} (the fastest on this machine; --trainer.precision overrides)")
+        # A missing --ckpt_path would otherwise surface as Lightning's traceback after the run has started.
         ckpt = config.get("ckpt_path")
         self._resume_version = None
         if ckpt == "last":

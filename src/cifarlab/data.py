@@ -25,7 +25,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from cifarlab.errors import DataError
+from cifarlab.errors import ConfigError, DataError
 from cifarlab.stats import cached_channel_stats
 from cifarlab.transforms import IMAGE_SIZE, AugmentConfig, BatchAugment, albumentations_pipeline, pil_to_uint8
 
@@ -212,6 +212,14 @@ class ImageArrayDataset(Dataset):
         self.labels = torch.from_numpy(labels)
         self.transform = transform
         self._seeded_pid = None
+        self._flip_first: torch.Tensor | None = None  # (N,) bool, set by alternate_flips()
+        self._epoch_fn = None
+
+    def alternate_flips(self, flip_first: torch.Tensor, epoch_fn) -> None:
+        """Serve image ``i`` mirrored in epoch ``e`` when ``flip_first[i] != (e is odd)``; ``epoch_fn()`` gives
+        the epoch being served (read per batch: the DataLoader runs in this process, as batched augmentation
+        needs no workers)."""
+        self._flip_first, self._epoch_fn = flip_first, epoch_fn
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -233,7 +241,11 @@ class ImageArrayDataset(Dataset):
 
     def __getitems__(self, indices: list[int]):
         if self.transform is None:
-            return self.batch(indices)
+            x, y = self.batch(indices)
+            if self._flip_first is not None:
+                flip = self._flip_first[torch.as_tensor(indices)] ^ bool(self._epoch_fn() % 2)
+                x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+            return x, y
         return torch.utils.data.default_collate([self[i] for i in indices])
 
 
@@ -371,6 +383,13 @@ class CIFARDataModule(L.LightningDataModule):
         elif self.augment.backend == "tensor":
             self._batch_augment = BatchAugment(self.augment, self.mean)
         self.train_set = ImageArrayDataset(train.images[train_idx], train.labels[train_idx], per_sample)
+        if self.augment.flip and self.augment.alternate_flips:
+            if self.augment.backend != "tensor":
+                raise ConfigError("augment.alternate_flips needs --data.augment.backend tensor")
+            # Seeded from torch's seed (seed_everything), so a resumed run flips the same images.
+            gen = torch.Generator().manual_seed(torch.initial_seed() % 2**63)
+            flip_first = torch.rand(len(self.train_set), generator=gen) < 0.5
+            self.train_set.alternate_flips(flip_first, lambda: self.trainer.current_epoch if self.trainer else 0)
         self.val_set = ImageArrayDataset(train.images[val_idx], train.labels[val_idx])
         self.test_set = ImageArrayDataset(test.images, test.labels)
 

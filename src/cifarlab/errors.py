@@ -7,3 +7,7 @@ class CifarlabError(Exception):
 
 class DataError(CifarlabError):
     """A problem with the data: missing or malformed folders, unreadable images, failed downloads."""
+
+
+class ConfigError(CifarlabError, ValueError):
+    """Options that do not work together."""

@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
+from cifarlab.errors import ConfigError
 from cifarlab.models import build_model
+from cifarlab.optim import Muon
 from cifarlab.transforms import IMAGE_SIZE, Normalize
 
 
@@ -24,7 +26,8 @@ class ImageClassifier(L.LightningModule):
         num_classes: output classes, when ``class_names`` is not given.
         class_names: names of the classes, in label order (the CLI takes them from the data).
         logit_scale: logits multiplier (Page's recipe: 0.125).
-        optimizer: ``adam`` (the seed) or ``sgd`` (Nesterov momentum).
+        optimizer: ``adam`` (the seed), ``sgd`` (Nesterov momentum), or ``muon``: conv filters trained with Muon
+            (``cifarlab.optim.Muon``), every other parameter with SGD as for ``sgd``.
         lr: peak learning rate of the OneCycle schedule (``cifarlab lr-find`` suggests one).
         weight_decay: L2 coefficient applied by the optimizer to every parameter.
         momentum: SGD momentum (ignored by Adam, whose beta1 OneCycle may cycle instead).
@@ -42,6 +45,10 @@ class ImageClassifier(L.LightningModule):
             LR x decay stays the same (airbench: 64, with frozen BN scales, i.e. for the BN biases).
         tta_level: test-time augmentation at test time: 0 none, 1 + mirror, 2 + mirror of 1-px translations.
         whiten_bias_epochs: epochs during which a whitening conv's bias trains, then it is frozen (airbench: 3).
+        muon_lr: peak learning rate of the Muon-trained filters (their update is orthogonalised, so this is a
+            step size relative to the normalised weights, independent of the loss scale; airbench: 0.24).
+        muon_momentum: momentum of the Muon-trained filters (airbench: 0.6).
+        muon_ns_steps: Newton-Schulz iterations per Muon update (airbench: 3).
     """
 
     def __init__(
@@ -50,7 +57,7 @@ class ImageClassifier(L.LightningModule):
         num_classes: int = 10,
         class_names: list[str] | None = None,
         logit_scale: float = 1.0,
-        optimizer: Literal["adam", "sgd"] = "adam",
+        optimizer: Literal["adam", "sgd", "muon"] = "adam",
         lr: float = 0.01,
         weight_decay: float = 1e-4,
         momentum: float = 0.9,
@@ -67,8 +74,14 @@ class ImageClassifier(L.LightningModule):
         bn_lr_scale: float = 1.0,
         tta_level: int = 0,
         whiten_bias_epochs: int = 3,
+        muon_lr: float = 0.24,
+        muon_momentum: float = 0.6,
+        muon_ns_steps: int = 3,
     ):
         super().__init__()
+        if optimizer == "muon" and cycle_momentum and scheduler == "onecycle":
+            raise ConfigError("cycle_momentum would overwrite muon_momentum: with --model.optimizer muon, "
+                             "set --model.cycle_momentum false")
         if class_names is not None:
             num_classes = len(class_names)
         self.save_hyperparameters()
@@ -160,7 +173,8 @@ class ImageClassifier(L.LightningModule):
         return self.tta_logits(x).float().softmax(1)
 
     def param_groups(self) -> list[dict]:
-        """Trainable parameters: BatchNorm's at ``lr * bn_lr_scale`` (decay / scale), the rest at ``lr``."""
+        """Trainable parameters: BatchNorm's at ``lr * bn_lr_scale`` (decay / scale), the rest at ``lr``; with
+        ``optimizer=muon``, conv filters in a group of their own at ``muon_lr``, ``muon_momentum``."""
         hp = self.hparams
         bn_ids = {id(p) for m in self.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
                   for p in m.parameters()}
@@ -169,7 +183,13 @@ class ImageClassifier(L.LightningModule):
         params = [p for p in self.parameters() if p.requires_grad]
         bn = [p for p in params if id(p) in bn_ids]
         other = [p for p in params if id(p) not in bn_ids]
-        groups = [{"params": other, "lr": hp.lr, "weight_decay": hp.weight_decay}]
+        groups = []
+        if hp.optimizer == "muon":
+            filters = [p for p in other if p.ndim == 4]
+            other = [p for p in other if p.ndim != 4]
+            groups.append({"params": filters, "lr": hp.muon_lr, "momentum": hp.muon_momentum, "weight_decay": 0.0,
+                           "muon": True, "ns_steps": hp.muon_ns_steps})
+        groups.append({"params": other, "lr": hp.lr, "weight_decay": hp.weight_decay})
         if bn:
             scale = hp.bn_lr_scale
             groups.append({"params": bn, "lr": hp.lr * scale, "weight_decay": hp.weight_decay / scale})
@@ -180,6 +200,8 @@ class ImageClassifier(L.LightningModule):
         groups = self.param_groups()
         if hp.optimizer == "adam":
             opt = torch.optim.Adam(groups)
+        elif hp.optimizer == "muon":
+            opt = Muon(groups, momentum=hp.momentum, nesterov=hp.nesterov)
         else:
             opt = torch.optim.SGD(groups, momentum=hp.momentum, nesterov=hp.nesterov)
         if hp.scheduler == "none":

@@ -38,6 +38,10 @@ class AugmentConfig:
     """Pixels of reflect padding before the random 32x32 crop, i.e. the largest translation."""
     flip: bool = True
     """Random horizontal flip with probability 0.5."""
+    alternate_flips: bool = False
+    """With ``flip``: airbench's alternating flips instead of random ones (tensor back end only). Each image is
+    flipped at random in the first epoch, then the other way round in each next epoch, so every pair of epochs
+    shows both orientations of every image (random flips leave a quarter of the images unflipped twice)."""
     cutout_holes: int = 8
     """Holes cut per image (when cutout fires)."""
     cutout_size: int = 8
@@ -124,12 +128,12 @@ class BatchAugment(nn.Module):
             shift_x = torch.randint(-cfg.pad, cfg.pad + 1, (b, 1), device=dev)
             rows = _reflect(torch.arange(h, device=dev) + shift_y, h)  # (B, H)
             cols = _reflect(torch.arange(w, device=dev) + shift_x, w)  # (B, W)
-            if cfg.flip:
+            if cfg.flip and not cfg.alternate_flips:  # (alternating flips happen in the dataset, by index)
                 flip = torch.rand(b, 1, device=dev) < 0.5
                 cols = torch.where(flip, cols.flip(1), cols)
             batch = torch.arange(b, device=dev).view(b, 1, 1)
             x = x[batch, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)  # (B, 3, H, W)
-        elif cfg.flip:
+        elif cfg.flip and not cfg.alternate_flips:
             flip = torch.rand(b, 1, 1, 1, device=dev) < 0.5
             x = torch.where(flip, x.flip(3), x)
         if cfg.cutout_size > 0 and cfg.cutout_holes > 0 and cfg.cutout_p > 0:

@@ -1,0 +1,67 @@
+"""Muon (conv filters) + SGD (the rest) in one optimizer, and how the LightningModule groups parameters for it."""
+
+import pytest
+import torch
+
+from cifarlab.errors import ConfigError
+from cifarlab.module import ImageClassifier
+from cifarlab.optim import Muon, orthogonalize
+
+
+@pytest.mark.parametrize("shape", [(8, 32), (32, 8), (16, 16)])
+def test_orthogonalize_squeezes_singular_values_toward_one(shape):
+    torch.manual_seed(0)
+    g = torch.randn(*shape) * torch.logspace(-1, 0, shape[1])  # column scales 0.1 .. 1
+    s = torch.linalg.svdvals(orthogonalize(g, steps=5))
+    assert s.min() > 0.3 and s.max() < 1.3  # Muon's quintic lands in roughly [0.5, 1.5], not exactly 1
+    assert torch.linalg.svdvals(g).max() / torch.linalg.svdvals(g).min() > 3  # ... from a spread-out input
+
+
+def test_sgd_groups_step_exactly_as_torch_sgd():
+    torch.manual_seed(0)
+    w1, w2 = torch.randn(5, 3, requires_grad=True), torch.randn(4, requires_grad=True)
+    ref1, ref2 = (w.detach().clone().requires_grad_() for w in (w1, w2))
+    ours = Muon([{"params": [w1], "weight_decay": 0.1}, {"params": [w2], "lr": 0.3}], lr=0.05, momentum=0.85,
+                nesterov=True)
+    theirs = torch.optim.SGD([{"params": [ref1], "weight_decay": 0.1}, {"params": [ref2], "lr": 0.3}], lr=0.05,
+                             momentum=0.85, nesterov=True)
+    for step in range(4):
+        x = torch.randn(3)
+        for opt, (a, b) in ((ours, (w1, w2)), (theirs, (ref1, ref2))):
+            opt.zero_grad()
+            ((a @ x).pow(2).sum() + (b * step).sin().sum()).backward()
+            opt.step()
+    torch.testing.assert_close(w1, ref1)
+    torch.testing.assert_close(w2, ref2)
+
+
+def test_muon_step_keeps_filter_norm_and_moves_by_lr():
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(16, 8, 3, 3) * 5)
+    opt = Muon([{"params": [w], "muon": True, "lr": 0.1, "momentum": 0.0}], nesterov=False)
+    w.grad = torch.randn_like(w)
+    opt.step()
+    before = w.detach().clone()
+    w.grad = torch.randn_like(w)
+    opt.step()
+    # Each step first rescales the filter to norm sqrt(C_out), then adds lr x a matrix with singular values ~1.
+    step = (w.detach() - before * (16**0.5 / before.norm())).reshape(16, -1)
+    s = torch.linalg.svdvals(step) / 0.1
+    assert s.min() > 0.3 and s.max() < 1.6
+    assert abs(before.norm() - 16**0.5) < 0.1 * 16**0.5 + 0.1 * 4  # the first step had rescaled it too
+
+
+def test_muon_recipe_puts_conv_filters_in_the_muon_group():
+    model = ImageClassifier(arch="airbench", optimizer="muon", lr=1.5, muon_lr=0.24, muon_momentum=0.6,
+                            weight_decay=0.002, bn_lr_scale=64.0, cycle_momentum=False)
+    muon, other, bn = model.param_groups()
+    filters = [m.weight for m in model.net.modules() if isinstance(m, torch.nn.Conv2d) and m.weight.requires_grad]
+    assert muon["muon"] and muon["lr"] == 0.24 and muon["momentum"] == 0.6
+    assert {id(p) for p in muon["params"]} == {id(p) for p in filters} and len(filters) == 6
+    assert {id(p) for p in other["params"]} == {id(model.net.whiten.bias), id(model.net.fc.weight)}
+    assert "muon" not in other and bn["lr"] == 96.0
+
+
+def test_muon_with_cycled_momentum_is_refused():
+    with pytest.raises(ConfigError, match="cycle_momentum"):
+        ImageClassifier(arch="airbench", optimizer="muon", cycle_momentum=True)
