@@ -1,5 +1,6 @@
 """Recipes leave the precision to the machine: bf16 only where it is native, fp32 where it is emulated."""
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,7 @@ def test_recipe_without_precision_gets_the_machines_choice(native, image_folder,
     from cifarlab.cli import CifarLabCLI
 
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(sys, "argv", ["cifarlab"])  # LightningCLI warns when pytest's own argv is also present
     cli = CifarLabCLI(args=["--config", str(SMOKE), "--data.root", str(image_folder),
                             "--run.dir", str(tmp_path), "--trainer.accelerator", "cpu"], run=False)
     expected = "bf16-mixed" if native else "32-true"
@@ -44,6 +46,7 @@ def test_explicit_precision_wins(image_folder, tmp_path, monkeypatch):
     from cifarlab.cli import CifarLabCLI
 
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(sys, "argv", ["cifarlab"])
     cli = CifarLabCLI(args=["--config", str(SMOKE), "--data.root", str(image_folder),
                             "--run.dir", str(tmp_path), "--trainer.precision", "bf16-mixed"], run=False)
     assert cli.trainer.precision == "bf16-mixed"
