@@ -119,6 +119,19 @@ def test_bad_data_is_one_line_and_exit_2(args, message, capsys):
     assert len(err) == 1 and err[0].startswith("cifarlab: error:") and message in err[0]
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--model.optimizer", "nadam"], 'Parser key "model.optimizer"'),
+    (["--trainer.max_epochs", "abc"], 'Parser key "trainer.max_epochs"'),
+    (["--no_such_option", "1"], "unrecognized arguments: --no_such_option"),
+])
+def test_bad_option_is_one_line_not_the_usage(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", SMOKE, *args])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("cifarlab: error:") and message in err[0], err
+
+
 def test_console_script_reports_bad_data_without_traceback(tmp_path):
     (tmp_path / "photos").mkdir()
     proc = subprocess.run([sys.executable, "-m", "cifarlab.cli", "fit", "--config", SMOKE,

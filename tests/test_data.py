@@ -199,6 +199,5 @@ def test_alternating_flips_need_the_tensor_backend(image_folder):
     from cifarlab.errors import ConfigError
     from cifarlab.transforms import AugmentConfig
 
-    dm = _dm(image_folder, augment=AugmentConfig(backend="albumentations", alternate_flips=True))
-    with pytest.raises(ConfigError, match="backend tensor"):
-        dm.setup("fit")
+    with pytest.raises(ConfigError, match="backend tensor"):  # at construction: before a run starts
+        _dm(image_folder, augment=AugmentConfig(backend="albumentations", alternate_flips=True))

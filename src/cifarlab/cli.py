@@ -28,7 +28,7 @@ from pathlib import Path
 
 from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ModelSummary
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -40,6 +40,19 @@ from cifarlab.module import ImageClassifier
 from cifarlab.precision import fastest_precision
 
 
+class OneLineErrorParser(LightningArgumentParser):
+    """jsonargparse's parser, but a bad option is one line on stderr, not the usage of every option above it."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        if not self.exit_on_error:  # parsing inside a program (tests, debug mode): let the caller see the error
+            return super().error(message, ex)
+        lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+        summary = " ".join(lines[:3]) + (" ..." if len(lines) > 3 else "")  # unions list every type tried
+        prog = self.prog.replace(" [options]", "")
+        sys.stderr.write(f"cifarlab: error: {summary} (`{prog} --help` lists the options)\n")
+        self.exit(2)
+
+
 class CifarLabCLI(LightningCLI):
     """LightningCLI with a run directory per run, checkpoint defaults, and a test of the best model after fit."""
 
@@ -49,6 +62,7 @@ class CifarLabCLI(LightningCLI):
             "callbacks": [LearningRateMonitor(logging_interval="step"), ModelSummary(max_depth=3),
                           EpochSpeed(), TestReport(), last_checkpoint(), InterruptCheckpoint(), RNGState()],
         })
+        kwargs.setdefault("parser_class", OneLineErrorParser)
         kwargs.setdefault("parser_kwargs", {"description": __doc__,
                                             "formatter_class": argparse.RawDescriptionHelpFormatter})
         super().__init__(ImageClassifier, CIFARDataModule, **kwargs)

@@ -288,6 +288,8 @@ class CIFARDataModule(L.LightningDataModule):
     ):
         super().__init__()
         augment = AugmentConfig(**augment) if isinstance(augment, dict) else (augment or AugmentConfig())
+        if augment.flip and augment.alternate_flips and augment.backend != "tensor":
+            raise ConfigError("augment.alternate_flips needs --data.augment.backend tensor")
         # Plain types only in checkpoints, so they load with torch.load(weights_only=True).
         self.save_hyperparameters(ignore=["augment"])
         self.hparams["augment"] = asdict(augment)
@@ -384,8 +386,6 @@ class CIFARDataModule(L.LightningDataModule):
             self._batch_augment = BatchAugment(self.augment, self.mean)
         self.train_set = ImageArrayDataset(train.images[train_idx], train.labels[train_idx], per_sample)
         if self.augment.flip and self.augment.alternate_flips:
-            if self.augment.backend != "tensor":
-                raise ConfigError("augment.alternate_flips needs --data.augment.backend tensor")
             # Seeded from torch's seed (seed_everything), so a resumed run flips the same images.
             gen = torch.Generator().manual_seed(torch.initial_seed() % 2**63)
             flip_first = torch.rand(len(self.train_set), generator=gen) < 0.5

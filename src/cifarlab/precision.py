@@ -30,8 +30,5 @@ def fastest_precision(accelerator: str | None = "auto") -> str:
     use_cuda = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
     if use_cuda:
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-    if accelerator in ("auto", "cpu"):
-        if accelerator == "auto" and torch.backends.mps.is_available():
-            return "32-true"
-        return "bf16-mixed" if cpu_has_native_bf16() else "32-true"
-    return "32-true"
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.backends.mps.is_available())
+    return "bf16-mixed" if on_cpu and cpu_has_native_bf16() else "32-true"
