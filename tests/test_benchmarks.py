@@ -50,7 +50,7 @@ def test_app_latency_and_faithfulness(smoke_run):
     assert "| 2 |" in out and "Final test" in out
 
 
-@pytest.mark.parametrize("recipe", ["seed", "page", "fast", "muon"])
+@pytest.mark.parametrize("recipe", ["seed", "page", "fast", "muon", "wide"])
 def test_every_recipe_trains(recipe, image_folder, tmp_path):
     from cifarlab.cli import main
 
@@ -58,6 +58,14 @@ def test_every_recipe_trains(recipe, image_folder, tmp_path):
           "--run.dir", str(tmp_path), "--trainer.max_epochs", "1", "--data.batch_size", "16", "--data.val_size", "12",
           "--data.num_workers", "0", "--trainer.enable_progress_bar", "false"])
     assert list(tmp_path.glob(f"{recipe}/version_0/test_metrics.json"))
+    # The checkpoint alone rebuilds the recipe's network (loading is strict: every weight's shape must match, the
+    # wide recipe's widths included).
+    from cifarlab.module import ImageClassifier
+
+    model = ImageClassifier.load_from_checkpoint(tmp_path / recipe / "version_0" / "checkpoints" / "last.ckpt",
+                                                 map_location="cpu")
+    if recipe == "wide":
+        assert model.net.block3.conv2.out_channels == 384
 
 
 def test_app_load_answers_every_request(smoke_run):

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from cifarlab.errors import ConfigError
 from cifarlab.models import CustomResNet, Residual, build_model
 
 
@@ -39,6 +40,22 @@ def test_logit_scale_multiplies_logits():
 def test_build_model_rejects_unknown_name():
     with pytest.raises(ValueError, match="unknown architecture"):
         build_model("resnet1000", 10)
+
+
+def test_airbench_widths_set_each_conv_group():
+    net = build_model("airbench", 10, widths=(128, 384, 384))
+    assert [block.conv2.out_channels for block in (net.block1, net.block2, net.block3)] == [128, 384, 384]
+    assert net(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("arch, widths, message", [
+    ("custom_resnet", (64, 128, 256), "has fixed widths"),
+    ("airbench", (64, 256), "3 positive channel counts"),
+    ("airbench", (64, 0, 256), "3 positive channel counts"),
+])
+def test_bad_widths_are_a_config_error(arch, widths, message):
+    with pytest.raises(ConfigError, match=message):
+        build_model(arch, 10, widths=widths)
 
 
 def test_models_module_does_not_import_lightning():

@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from cifarlab.errors import ConfigError
+
 
 def conv_bn(c_in: int, c_out: int, pool: bool = False) -> nn.Sequential:
     """3x3 conv (no bias: BatchNorm's shift makes it redundant) -> [max-pool 2] -> BN -> ReLU.
@@ -130,7 +132,7 @@ class AirbenchNet(nn.Module):
         self.fc = nn.Linear(widths[2], num_classes, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.block3(self.block2(self.block1(self.act(self.whiten(x)))))  # (B, 256, 3, 3)
+        x = self.block3(self.block2(self.block1(self.act(self.whiten(x)))))  # (B, widths[2], 3, 3)
         return self.fc(self.pool(x).flatten(1)) * self.logit_scale
 
     @torch.no_grad()
@@ -155,5 +157,10 @@ ARCHITECTURES: dict[str, type[nn.Module]] = {"custom_resnet": CustomResNet, "air
 def build_model(arch: str, num_classes: int, **kwargs) -> nn.Module:
     """Instantiate a network from ``ARCHITECTURES`` by name."""
     if arch not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {arch!r}: choose one of {sorted(ARCHITECTURES)}")
+        raise ConfigError(f"unknown architecture {arch!r}: choose one of {sorted(ARCHITECTURES)}")
+    widths = kwargs.get("widths")
+    if widths is not None and arch != "airbench":
+        raise ConfigError(f"architecture {arch!r} has fixed widths: leave --model.widths out, or use arch airbench")
+    if widths is not None and (len(widths) != 3 or min(widths) < 1):
+        raise ConfigError(f"--model.widths takes 3 positive channel counts (one per conv group), got {list(widths)}")
     return ARCHITECTURES[arch](num_classes=num_classes, **kwargs)

@@ -26,6 +26,8 @@ class ImageClassifier(L.LightningModule):
         num_classes: output classes, when ``class_names`` is not given.
         class_names: names of the classes, in label order (the CLI takes them from the data).
         logit_scale: logits multiplier (Page's recipe: 0.125).
+        widths: channels of the network's three conv groups, for architectures that take them (airbench:
+            64/256/256 by default; airbench95's 128/384/384 cost ~2.5x the FLOPs per image).
         optimizer: ``adam`` (the seed), ``sgd`` (Nesterov momentum), or ``muon``: conv filters trained with Muon
             (``cifarlab.optim.Muon``), every other parameter with SGD as for ``sgd``.
         lr: peak learning rate of the OneCycle schedule (``cifarlab lr-find`` suggests one).
@@ -57,6 +59,7 @@ class ImageClassifier(L.LightningModule):
         num_classes: int = 10,
         class_names: list[str] | None = None,
         logit_scale: float = 1.0,
+        widths: list[int] | None = None,
         optimizer: Literal["adam", "sgd", "muon"] = "adam",
         lr: float = 0.01,
         weight_decay: float = 1e-4,
@@ -88,7 +91,8 @@ class ImageClassifier(L.LightningModule):
         self.hparams.num_classes = num_classes
         self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
         self.normalize = Normalize()
-        self.net = build_model(arch, num_classes, logit_scale=logit_scale)
+        sizes = {} if widths is None else {"widths": tuple(widths)}
+        self.net = build_model(arch, num_classes, logit_scale=logit_scale, **sizes)
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
