@@ -5,6 +5,8 @@ Every network maps a normalised float image batch ``(B, 3, 32, 32)`` to logits `
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -102,7 +104,7 @@ class AirbenchNet(nn.Module):
     """airbench94's network (Keller Jordan): 2x2 patch-whitening conv, three conv groups, ~2.0M parameters,
     about 0.24 GFLOP per 32x32 image forward (the custom ResNet needs ~0.75).
 
-    Shapes for a 32x32 input:
+    Shapes for a 32x32 input, default widths:
       whiten  (B, 24, 31, 31)   2x2 conv, no padding, frozen weights set by ``init_whitening``
       block1  (B, 64, 15, 15)
       block2  (B, 256, 7, 7)
@@ -154,13 +156,15 @@ class AirbenchNet(nn.Module):
 ARCHITECTURES: dict[str, type[nn.Module]] = {"custom_resnet": CustomResNet, "airbench": AirbenchNet}
 
 
-def build_model(arch: str, num_classes: int, **kwargs) -> nn.Module:
-    """Instantiate a network from ``ARCHITECTURES`` by name."""
+def build_model(arch: str, num_classes: int, widths: Sequence[int] | None = None, **kwargs) -> nn.Module:
+    """Instantiate a network from ``ARCHITECTURES`` by name; ``widths`` (airbench only) overrides its channels."""
     if arch not in ARCHITECTURES:
         raise ConfigError(f"unknown architecture {arch!r}: choose one of {sorted(ARCHITECTURES)}")
-    widths = kwargs.get("widths")
-    if widths is not None and arch != "airbench":
-        raise ConfigError(f"architecture {arch!r} has fixed widths: leave --model.widths out, or use arch airbench")
-    if widths is not None and (len(widths) != 3 or min(widths) < 1):
-        raise ConfigError(f"--model.widths takes 3 positive channel counts (one per conv group), got {list(widths)}")
+    if widths is not None:
+        if arch != "airbench":
+            raise ConfigError(f"architecture {arch!r} has fixed widths: leave --model.widths out, or use arch airbench")
+        if len(widths) != 3 or min(widths) < 1:
+            raise ConfigError(f"--model.widths takes 3 positive channel counts (one per conv group), "
+                              f"got {list(widths)}")
+        kwargs["widths"] = tuple(widths)
     return ARCHITECTURES[arch](num_classes=num_classes, **kwargs)

@@ -91,8 +91,7 @@ class ImageClassifier(L.LightningModule):
         self.hparams.num_classes = num_classes
         self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
         self.normalize = Normalize()
-        sizes = {} if widths is None else {"widths": tuple(widths)}
-        self.net = build_model(arch, num_classes, logit_scale=logit_scale, **sizes)
+        self.net = build_model(arch, num_classes, widths=widths, logit_scale=logit_scale)
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
