@@ -1,12 +1,13 @@
 """The app under load: N concurrent gradio_client requests to /classify, each checked against the model.
 
-    python benchmarks/app_load.py --ckpt RUN/checkpoints/last.ckpt --data.root DIR [--requests 50] [--waves 2]
+    python benchmarks/app_load.py --ckpt RUN/checkpoints/last.ckpt --data.root DIR [--requests 50] [--waves 2] [--same]
 
 Starts `cifarlab app` as its own process on 127.0.0.1, submits N requests at once through one gradio_client
-(each a different test image), waits for all, and checks every answer's top class against the model called
-directly on the same file. Reports errors, wrong answers, wall time, per-request latency (p50/p95/max,
-queueing included: the app runs one request at a time on purpose) and the server process's resident memory
-after each wave; further waves show whether that memory keeps growing.
+(each a different test image; with --same, all the same one, as when many people send one picture), waits for
+all, and checks every answer's top class against the model called directly on the same file. Reports errors,
+wrong answers, wall time, per-request latency (p50/p95/max, queueing included: the app runs one request at a
+time on purpose) and the server process's resident memory after each wave; further waves show whether that
+memory keeps growing.
 """
 
 from __future__ import annotations
@@ -105,6 +106,8 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=7861)
     parser.add_argument("--layer", default=None, help="CAM layer (default: the deepest, as in the app)")
     parser.add_argument("--method", default="Grad-CAM")
+    parser.add_argument("--same", action="store_true",
+                        help="send one test image in every request (identical outputs, served concurrently)")
     opts = parser.parse_args()
 
     from gradio_client import Client
@@ -117,8 +120,10 @@ def main() -> None:
     server = start_server(opts.ckpt, opts.root, opts.port)
     try:
         client = Client(f"http://127.0.0.1:{opts.port}/", verbose=False)
-        images = pick_images(Path(opts.root), opts.requests)
-        print(f"{opts.requests} concurrent /classify requests ({layer}, {opts.method}) to `cifarlab app` "
+        images = pick_images(Path(opts.root), 1 if opts.same else opts.requests)
+        images = images * opts.requests if opts.same else images
+        what = f"the same image ({images[0].name})" if opts.same else "different images"
+        print(f"{opts.requests} concurrent /classify requests of {what} ({layer}, {opts.method}) to `cifarlab app` "
               f"(pid {server.pid}); its RSS before the first: {rss_mb(server.pid):.0f} MB")
         failed = False
         for wave in range(1, opts.waves + 1):

@@ -1,6 +1,7 @@
 """The app, launched in-process on 127.0.0.1 and called through gradio_client, as a program would."""
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -9,7 +10,7 @@ import pytest  # noqa: E402
 from gradio_client import Client, handle_file  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from cifarlab.app import CifarApp, launch  # noqa: E402
+from cifarlab.app import ANY, CifarApp, launch  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +129,6 @@ def test_concurrent_requests_are_all_answered_correctly_without_leaking(served, 
     import gc
     import sys
     import tracemalloc
-    from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     from app_load import fire, pick_images
@@ -151,3 +151,50 @@ def test_concurrent_requests_are_all_answered_correctly_without_leaking(served, 
     # Python objects still alive after 24 more requests (uploads, CAMs, panels, hooks, figures would each be
     # 10-150 KB per request); Gradio keeps a small record per event.
     assert grown < 24 * 16 * 1024, f"{grown / 1024:.0f} KB kept after 24 requests"
+
+
+def test_the_same_image_sent_many_times_at_once_is_always_delivered_whole(served, smoke_run):
+    """Identical requests make identical output images: none may be rewritten while another client downloads it."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from app_load import fire
+
+    app, _, client = served
+    root, _, _ = smoke_run
+    image = root / "test" / "dog" / "0002.png"
+    layer = next(iter(app.layers))
+    for _ in range(3):
+        wave = fire(client, app.model, [image] * 12, layer, "Grad-CAM")
+        assert wave["errors"] == [] and wave["answered"] == 12 and wave["wrong"] == 0
+    # Many people on one gallery: the same thumbnails, every one delivered to every client.
+    from concurrent.futures import ThreadPoolExecutor
+
+    def gallery():
+        items, _ = client.submit(ANY, ANY, 6, 0.5, layer, "Grad-CAM", api_name="/correct").result(timeout=600)
+        return [Image.open(item["image"]).size for item in items]
+
+    with ThreadPoolExecutor(8) as pool:
+        sizes = [f.result() for f in [pool.submit(gallery) for _ in range(8)]]
+    assert sizes == [[(128, 128)] * 6] * 8
+
+
+def test_output_files_are_pruned_as_they_age(served):
+    """A long-running app keeps its temp files bounded: panel files once Gradio has copied them, Gradio's copies."""
+    import time
+
+    import numpy as np
+
+    from cifarlab.app import GRADIO_CACHE_AGE, PANEL_FILE_AGE
+
+    app, demo, _ = served
+    assert demo.delete_cache == (GRADIO_CACHE_AGE, GRADIO_CACHE_AGE)
+    old = Path(app._png(np.zeros((8, 8, 3), np.uint8)))
+    again = Path(app._png(np.full((8, 8, 3), 7, np.uint8)))
+    past = time.time() - 2 * PANEL_FILE_AGE
+    for path in (old, again):
+        os.utime(path, (past, past))
+    assert Path(app._png(np.full((8, 8, 3), 7, np.uint8))) == again  # reused, so young again
+    app._pruned -= 2 * PANEL_FILE_AGE  # as if the last pruning was long ago
+    new = Path(app._png(np.full((8, 8, 3), 255, np.uint8)))
+    assert new.exists() and again.exists() and not old.exists()

@@ -4,7 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest  # noqa: F401
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -68,7 +68,10 @@ def test_every_recipe_trains(recipe, image_folder, tmp_path):
         assert model.net.block3.conv2.out_channels == 384
 
 
-def test_app_load_answers_every_request(smoke_run):
+@pytest.mark.parametrize("same", [[], ["--same"]], ids=["different", "same"])
+def test_app_load_answers_every_request(smoke_run, same):
     root, _, ckpt = smoke_run
-    out = _run("benchmarks/app_load.py", "--ckpt", ckpt, "--data.root", root, "--requests", "4", "--waves", "1")
+    out = _run("benchmarks/app_load.py", "--ckpt", ckpt, "--data.root", root, "--requests", "4", "--waves", "1",
+               *same)
     assert "wave 1: answered 4/4, errors 0, wrong 0" in out
+    assert ("of the same image" in out) == bool(same)

@@ -13,7 +13,10 @@ import os
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import hashlib  # noqa: E402
+import io  # noqa: E402
 import tempfile  # noqa: E402
+import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import gradio as gr  # noqa: E402
@@ -38,6 +41,10 @@ from cifarlab.report import plot_confusion  # noqa: E402
 
 PANEL = 224  # pixels: side of each image panel (the 32x32 input upscaled 7x)
 THUMB = 128  # pixels: gallery thumbnails
+# Seconds an output image stays on disk: ours only until Gradio has copied it (the same request, milliseconds
+# later); Gradio's copies an hour, enough for a page to show them, so a long-running app's temp files stay bounded.
+PANEL_FILE_AGE = 600
+GRADIO_CACHE_AGE = 3600
 ANY = "any"
 # System fonts: the default theme fetches Google Fonts, and the page must request nothing off this machine.
 THEME = gr.themes.Soft(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
@@ -79,6 +86,9 @@ class CifarApp:
         self.test: Predictions | None = predict_test_set(self.model, self.ckpt_path, dm) if dm else None
         self.run_dir = self.ckpt_path.resolve().parent.parent
         self._files = tempfile.TemporaryDirectory(prefix="cifarlab-app-")
+        self._panels = Path(self._files.name) / "panels"  # _png's files, pruned as they age
+        self._panels.mkdir()
+        self._pruned = time.monotonic()
 
     # ------------------------------------------------------------------ classify
     def classify_image(self, image, top_k: int = 3, opacity: float = 0.5, layer: str | None = None,
@@ -101,7 +111,7 @@ class CifarApp:
         cam, seen, heat, over = self._cam_panels(x, [pred], layer, method, opacity, PANEL)
         cam_drop, random_drop = cams.faithfulness(self.model, x, cam, [pred])
         text = faithfulness_text(float(cam_drop[0]), float(random_drop[0]), self.classes[pred])
-        return label, seen[0], heat[0], over[0], text
+        return label, self._png(seen[0]), self._png(heat[0]), self._png(over[0]), text
 
     def _cam_panels(self, x, classes, layer, method, opacity, size):
         layer = layer if layer in self.layers else next(iter(self.layers))
@@ -113,6 +123,35 @@ class CifarApp:
         heat = [cams.heatmap(m, size) for m in maps]
         over = [cams.overlay(im, m, opacity, size) for im, m in zip(images, maps)]
         return maps, seen, heat, over
+
+    def _png(self, pixels: np.ndarray) -> str:
+        """``pixels`` (H, W, 3) uint8 as a PNG file named by its content, written once; returns its path.
+
+        Handed an array, Gradio encodes it and rewrites the file named by its hash in place, so when two requests
+        make the same image (the same upload twice, two people on one gallery) a client still downloading the
+        first copy gets a truncated body. A file path, instead, Gradio copies into its cache atomically.
+        """
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="png")
+        data = buffer.getvalue()
+        path = self._panels / f"{hashlib.sha256(data).hexdigest()[:32]}.png"
+        if path.exists():
+            os.utime(path)  # in use again: not one to prune
+        else:
+            fd, part = tempfile.mkstemp(dir=self._panels, suffix=".part")
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(part, path)  # readers see no file or the whole file, never part of one
+        if time.monotonic() - self._pruned > PANEL_FILE_AGE:
+            self._pruned = time.monotonic()
+            old = time.time() - PANEL_FILE_AGE
+            for f in self._panels.iterdir():
+                try:
+                    if f.stat().st_mtime < old:
+                        f.unlink()
+                except FileNotFoundError:  # another request pruned it first
+                    pass
+        return str(path)
 
     # ------------------------------------------------------------------ test-set galleries
     def _need_test(self) -> Predictions:
@@ -146,7 +185,7 @@ class CifarApp:
         for j, i in enumerate(shown):
             caption = (f"true {self.classes[t.labels[i]]} | pred {self.classes[t.preds[i]]} "
                        f"{t.confidence[i]:.0%} | CAM drop {cam_drop[j]:+.2f} vs random {random_drop[j]:+.2f}")
-            items.append((over[j], caption))
+            items.append((self._png(over[j]), caption))
         summary = (f"{len(idx)} {kind} in {len(t.labels)} test images (showing {len(shown)}); CAM = "
                    f"{method} on {layer}. Mean confidence drop with the CAM's top 20% removed "
                    f"{cam_drop.mean():.3f}, with 20% random pixels removed {random_drop.mean():.3f}.")
@@ -163,7 +202,11 @@ class CifarApp:
         t = self._need_test()
         cm = t.confusion_matrix()
         path = Path(self._files.name) / "confusion.png"
-        plot_confusion(cm, self.classes, path)
+        if not path.exists():  # the test set never changes: drawn once, not on every page load
+            fd, part = tempfile.mkstemp(dir=self._files.name, suffix=".png")
+            os.close(fd)
+            plot_confusion(cm, self.classes, Path(part))
+            os.replace(part, path)  # a page loading meanwhile never reads a half-written file
         per_class = cm.diagonal() / np.maximum(cm.sum(1), 1)
         table = [[c, f"{a:.1%}", int(cm[i].sum())] for i, (c, a) in enumerate(zip(self.classes, per_class))]
         matrix = [[self.classes[i], *map(int, row)] for i, row in enumerate(cm)]
@@ -214,7 +257,7 @@ def build_app(app: CifarApp) -> gr.Blocks:
     layer_names = list(app.layers)
     methods = list(cams.CAM_METHODS)
     class_choices = [ANY, *app.classes]
-    with gr.Blocks(title="cifarlab") as demo:
+    with gr.Blocks(title="cifarlab", delete_cache=(GRADIO_CACHE_AGE, GRADIO_CACHE_AGE)) as demo:
         gr.Markdown(f"# cifarlab\nCheckpoint `{app.ckpt_path}` · {len(app.classes)} classes: "
                     f"{', '.join(app.classes)}")
         with gr.Row():
