@@ -124,6 +124,7 @@ def test_bad_data_is_one_line_and_exit_2(args, message, capsys):
     (["--trainer.max_epochs", "abc"], 'Parser key "trainer.max_epochs"'),
     (["--no_such_option", "1"], "unrecognized arguments: --no_such_option"),
     (["--model.widths", "[8,16,32]"], "has fixed widths"),  # the smoke recipe's custom ResNet
+    (["--data.augment.early_crop", "8", "--data.augment.early_crop_epochs", "2"], "between 16 and 32 pixels"),
 ])
 def test_bad_option_is_one_line_not_the_usage(args, message, capsys):
     with pytest.raises(SystemExit) as exit_:

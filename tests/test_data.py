@@ -201,3 +201,35 @@ def test_alternating_flips_need_the_tensor_backend(image_folder):
 
     with pytest.raises(ConfigError, match="backend tensor"):  # at construction: before a run starts
         _dm(image_folder, augment=AugmentConfig(backend="albumentations", alternate_flips=True))
+
+
+def test_early_crop_serves_small_crops_in_the_first_epochs_only(image_folder):
+    from types import SimpleNamespace
+
+    from cifarlab.transforms import AugmentConfig
+
+    dm = _dm(image_folder, augment=AugmentConfig(backend="tensor", early_crop=20, early_crop_epochs=2))
+    dm.trainer = SimpleNamespace(current_epoch=0, world_size=1, training=True)
+    dm.setup("fit")
+    sizes = []
+    for epoch in range(3):
+        dm.trainer.current_epoch = epoch
+        x, _ = dm.on_after_batch_transfer(next(iter(dm.train_dataloader())), 0)
+        sizes.append(tuple(x.shape[-2:]))
+    assert sizes == [(20, 20), (20, 20), (32, 32)]
+    dm.trainer.training = False  # validation and test always see whole images
+    x, _ = dm.on_after_batch_transfer(next(iter(dm.val_dataloader())), 0)
+    assert tuple(x.shape[-2:]) == (32, 32)
+
+
+@pytest.mark.parametrize("augment, message", [
+    (dict(backend="albumentations", early_crop=24, early_crop_epochs=2), "backend tensor"),
+    (dict(backend="tensor", early_crop=8, early_crop_epochs=2), "between 16 and 32 pixels"),
+    (dict(backend="tensor", early_crop=40, early_crop_epochs=2), "between 16 and 32 pixels"),
+])
+def test_bad_early_crop_is_a_config_error(image_folder, augment, message):
+    from cifarlab.errors import ConfigError
+    from cifarlab.transforms import AugmentConfig
+
+    with pytest.raises(ConfigError, match=message):
+        _dm(image_folder, augment=AugmentConfig(**augment))

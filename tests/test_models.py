@@ -15,6 +15,17 @@ def test_output_shape(num_classes):
     assert net(torch.randn(5, 3, 32, 32)).shape == (5, num_classes)
 
 
+@pytest.mark.parametrize("arch", ["custom_resnet", "airbench"])
+@pytest.mark.parametrize("size", [16, 24, 32])
+def test_networks_take_smaller_crops(arch, size):
+    """Progressive resizing trains on crops down to MIN_CROP: the head pools whatever map is left."""
+    from cifarlab.transforms import MIN_CROP
+
+    assert size >= MIN_CROP
+    net = build_model(arch, 10).eval()
+    assert net(torch.randn(2, 3, size, size)).shape == (2, 10)
+
+
 def test_residual_adds_its_input():
     torch.manual_seed(0)
     res = Residual(8).eval()

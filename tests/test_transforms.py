@@ -67,6 +67,21 @@ def test_batch_augment_translation_matches_reflect_pad_and_crop():
         assert any(torch.equal(out[i], c) for c in crops), f"image {i} is not a reflect-padded crop"
 
 
+@pytest.mark.parametrize("pad, crop", [(2, 24), (0, 20), (2, 32)])
+def test_batch_augment_crop_is_a_window_of_the_translated_image(pad, crop):
+    """Progressive resizing: a crop x crop window anywhere in the reflect-padded image (translation included)."""
+    cfg = AugmentConfig(pad=pad, flip=False, cutout_size=0)
+    x = torch.from_numpy(_images(8)).permute(0, 3, 1, 2).contiguous()
+    torch.manual_seed(5)
+    out = BatchAugment(cfg, MEAN)(x, crop)
+    assert out.shape == (8, 3, crop, crop) and out.dtype == torch.uint8
+    padded = F.pad(x, (pad,) * 4, mode="reflect") if pad else x
+    span = range(32 + 2 * pad - crop + 1)
+    for i in range(len(x)):
+        windows = [padded[i, :, dy:dy + crop, dx:dx + crop] for dy in span for dx in span]
+        assert any(torch.equal(out[i], w) for w in windows), f"image {i} is not a window of the padded image"
+
+
 def test_batch_augment_flip_only_flips():
     cfg = AugmentConfig(pad=0, flip=True, cutout_size=0)
     x = torch.from_numpy(_images(64)).permute(0, 3, 1, 2).contiguous()

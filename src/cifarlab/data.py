@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from cifarlab.errors import ConfigError, DataError
 from cifarlab.stats import cached_channel_stats
-from cifarlab.transforms import IMAGE_SIZE, AugmentConfig, BatchAugment, albumentations_pipeline, pil_to_uint8
+from cifarlab.transforms import IMAGE_SIZE, MIN_CROP, AugmentConfig, BatchAugment, albumentations_pipeline, pil_to_uint8
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -290,6 +290,12 @@ class CIFARDataModule(L.LightningDataModule):
         augment = AugmentConfig(**augment) if isinstance(augment, dict) else (augment or AugmentConfig())
         if augment.flip and augment.alternate_flips and augment.backend != "tensor":
             raise ConfigError("augment.alternate_flips needs --data.augment.backend tensor")
+        if augment.early_crop and augment.early_crop_epochs:
+            if augment.backend != "tensor":
+                raise ConfigError("augment.early_crop needs --data.augment.backend tensor")
+            if not MIN_CROP <= augment.early_crop <= IMAGE_SIZE:
+                raise ConfigError(f"augment.early_crop is the side of a training crop: between {MIN_CROP} and "
+                                  f"{IMAGE_SIZE} pixels (or 0 for none), got {augment.early_crop}")
         # Plain types only in checkpoints, so they load with torch.load(weights_only=True).
         self.save_hyperparameters(ignore=["augment"])
         self.hparams["augment"] = asdict(augment)
@@ -427,7 +433,9 @@ class CIFARDataModule(L.LightningDataModule):
         if self._batch_augment is not None and training and isinstance(batch, (list, tuple)):
             x, y = batch
             self._batch_augment.to(x.device)
-            batch = (self._batch_augment(x), y)
+            aug = self.augment
+            crop = aug.early_crop if aug.early_crop and self.trainer.current_epoch < aug.early_crop_epochs else None
+            batch = (self._batch_augment(x, crop), y)
         return batch
 
     def train_transform(self):

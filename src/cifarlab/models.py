@@ -44,7 +44,7 @@ class CustomResNet(nn.Module):
       layer1  (B, 128, 16, 16)  conv + pool, then a residual block
       layer2  (B, 256, 8, 8)    conv + pool
       layer3  (B, 512, 4, 4)    conv + pool, then a residual block
-      head    (B, num_classes)  max-pool 4 -> flatten -> linear (no bias)
+      head    (B, num_classes)  global max-pool -> flatten -> linear (no bias)
 
     Args:
         num_classes: number of output logits.
@@ -59,7 +59,7 @@ class CustomResNet(nn.Module):
         self.layer1 = nn.Sequential(conv_bn(64, 128, pool=True), Residual(128))
         self.layer2 = conv_bn(128, 256, pool=True)
         self.layer3 = nn.Sequential(conv_bn(256, 512, pool=True), Residual(512))
-        self.pool = nn.MaxPool2d(4)
+        self.pool = nn.AdaptiveMaxPool2d(1)  # = MaxPool2d(4) at 32x32; any input size (progressive resizing)
         self.fc = nn.Linear(512, num_classes, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -109,7 +109,7 @@ class AirbenchNet(nn.Module):
       block1  (B, 64, 15, 15)
       block2  (B, 256, 7, 7)
       block3  (B, 256, 3, 3)
-      head    (B, num_classes)  max-pool 3 -> flatten -> linear (no bias) * logit_scale
+      head    (B, num_classes)  global max-pool -> flatten -> linear (no bias) * logit_scale
 
     Args:
         num_classes: number of output logits.
@@ -130,7 +130,7 @@ class AirbenchNet(nn.Module):
         self.block1 = ConvGroup(whiten_width, widths[0], bn_momentum)
         self.block2 = ConvGroup(widths[0], widths[1], bn_momentum)
         self.block3 = ConvGroup(widths[1], widths[2], bn_momentum)
-        self.pool = nn.MaxPool2d(3)
+        self.pool = nn.AdaptiveMaxPool2d(1)  # = airbench's MaxPool2d(3) at 32x32; any input size
         self.fc = nn.Linear(widths[2], num_classes, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,7 @@ from PIL import Image
 from torch import nn
 
 IMAGE_SIZE = 32  # pixels; every network here is built for 32x32 CIFAR inputs
+MIN_CROP = 16  # pixels: the smallest training crop; every network here still has a map to pool at the end
 
 
 @dataclass
@@ -48,6 +49,12 @@ class AugmentConfig:
     """Side of each square hole, pixels. 0 disables cutout."""
     cutout_p: float = 0.5
     """Probability that an image gets its holes."""
+    early_crop: int = 0
+    """Progressive resizing (tensor back end only): side, pixels, of a random square crop of each translated
+    image in the first ``early_crop_epochs`` epochs; full-size images after. The networks end in a global
+    max-pool, so they take any size; fewer pixels cost proportionally fewer FLOPs. 0: always full size."""
+    early_crop_epochs: int = 0
+    """Epochs trained on ``early_crop`` crops."""
 
 
 class Normalize(nn.Module):
@@ -118,21 +125,25 @@ class BatchAugment(nn.Module):
         self.cfg = cfg
         self.register_buffer("fill", torch.tensor(mean_fill(mean), dtype=torch.uint8), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, crop: int | None = None) -> torch.Tensor:
+        """Augment uint8 ``x`` ``(B, 3, H, W)``; with ``crop``, return a random ``(B, 3, crop, crop)`` part of each
+        translated image (progressive resizing)."""
         cfg = self.cfg
         b, _, h, w = x.shape
         dev = x.device
-        if cfg.pad > 0:
+        out_h, out_w = (crop, crop) if crop else (h, w)
+        if cfg.pad > 0 or (out_h, out_w) != (h, w):
             # Source row/col of every output pixel: shift, then reflect into range (reflect-101, as cv2/torch).
-            shift_y = torch.randint(-cfg.pad, cfg.pad + 1, (b, 1), device=dev)
-            shift_x = torch.randint(-cfg.pad, cfg.pad + 1, (b, 1), device=dev)
-            rows = _reflect(torch.arange(h, device=dev) + shift_y, h)  # (B, H)
-            cols = _reflect(torch.arange(w, device=dev) + shift_x, w)  # (B, W)
+            shift_y = torch.randint(-cfg.pad, cfg.pad + h - out_h + 1, (b, 1), device=dev)
+            shift_x = torch.randint(-cfg.pad, cfg.pad + w - out_w + 1, (b, 1), device=dev)
+            rows = _reflect(torch.arange(out_h, device=dev) + shift_y, h)  # (B, out_h)
+            cols = _reflect(torch.arange(out_w, device=dev) + shift_x, w)  # (B, out_w)
+            h, w = out_h, out_w
             if cfg.flip and not cfg.alternate_flips:  # (alternating flips happen in the dataset, by index)
                 flip = torch.rand(b, 1, device=dev) < 0.5
                 cols = torch.where(flip, cols.flip(1), cols)
             batch = torch.arange(b, device=dev).view(b, 1, 1)
-            x = x[batch, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)  # (B, 3, H, W)
+            x = x[batch, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)  # (B, 3, out_h, out_w)
         elif cfg.flip and not cfg.alternate_flips:
             flip = torch.rand(b, 1, 1, 1, device=dev) < 0.5
             x = torch.where(flip, x.flip(3), x)
