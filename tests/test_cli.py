@@ -176,3 +176,13 @@ def test_missing_ckpt_path_is_one_line(image_folder, capsys):
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--ckpt_path /nonexistent/x.ckpt not found" in err[0]
+
+
+def test_help_documents_the_augmentation_fields(capsys):
+    """``--data.augment.help`` shows each AugmentConfig field's docstring, not only its type."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--data.augment.help", "AugmentConfig"])
+    assert exit_.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "Progressive resizing (tensor back end only)" in out
+    assert "Where augmentation runs: per sample (albumentations)" in out

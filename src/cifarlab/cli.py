@@ -26,6 +26,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
+from jsonargparse import set_parsing_settings
 from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ModelSummary
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -409,6 +410,8 @@ def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
     # Both loggers share the run directory on purpose; the CSV logger only rewrites its own metrics.csv.
     warnings.filterwarnings("ignore", message=".*Experiment logs directory .* exists and is not empty.*")
+    # Dataclass fields (AugmentConfig) are documented by the string under each: show it in --help.
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
     if argv and argv[0] == "app":
         tune_malloc(server=True)
     else:
