@@ -179,22 +179,27 @@ def test_the_same_image_sent_many_times_at_once_is_always_delivered_whole(served
     assert sizes == [[(128, 128)] * 6] * 8
 
 
-def test_output_files_are_pruned_as_they_age(served):
-    """A long-running app keeps its temp files bounded: panel files once Gradio has copied them, Gradio's copies."""
+def test_output_files_are_pruned_as_they_age(served, smoke_run):
+    """A long-running app keeps its temp files bounded: Gradio's pruning removes old panels, not ones in use again."""
     import time
 
-    import numpy as np
+    from gradio.route_utils import delete_files_created_by_app
 
-    from cifarlab.app import GRADIO_CACHE_AGE, PANEL_FILE_AGE
+    from cifarlab.app import GRADIO_CACHE_AGE
 
-    app, demo, _ = served
+    app, demo, client = served
+    root, _, _ = smoke_run
     assert demo.delete_cache == (GRADIO_CACHE_AGE, GRADIO_CACHE_AGE)
-    old = Path(app._png(np.zeros((8, 8, 3), np.uint8)))
-    again = Path(app._png(np.full((8, 8, 3), 7, np.uint8)))
-    past = time.time() - 2 * PANEL_FILE_AGE
-    for path in (old, again):
-        os.utime(path, (past, past))
-    assert Path(app._png(np.full((8, 8, 3), 7, np.uint8))) == again  # reused, so young again
-    app._pruned -= 2 * PANEL_FILE_AGE  # as if the last pruning was long ago
-    new = Path(app._png(np.full((8, 8, 3), 255, np.uint8)))
-    assert new.exists() and again.exists() and not old.exists()
+
+    def classify(image):
+        """The panels' files on the server (the client gets copies) after a request for ``image``."""
+        client.predict(handle_file(str(image)), 3, 0.5, "layer3 (4x4)", "Grad-CAM", api_name="/classify")
+        return {Path(p) for p in app.classify_image(str(image), 3, 0.5, "layer3 (4x4)", "Grad-CAM")[1:4]}
+
+    reused = classify(root / "test" / "cat" / "0003.png")
+    old = classify(root / "test" / "frog" / "0004.png")
+    assert reused and old and not reused & old
+    time.sleep(1.5)
+    classify(root / "test" / "cat" / "0003.png")  # the same panels again: young again
+    delete_files_created_by_app(demo, age=1)  # what delete_cache runs every GRADIO_CACHE_AGE seconds
+    assert all(p.exists() for p in reused) and not any(p.exists() for p in old)

@@ -16,12 +16,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import hashlib  # noqa: E402
 import io  # noqa: E402
 import tempfile  # noqa: E402
-import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from gradio.utils import get_upload_folder  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from cifarlab import cam as cams  # noqa: E402
@@ -41,9 +41,8 @@ from cifarlab.report import plot_confusion  # noqa: E402
 
 PANEL = 224  # pixels: side of each image panel (the 32x32 input upscaled 7x)
 THUMB = 128  # pixels: gallery thumbnails
-# Seconds an output image stays on disk: ours only until Gradio has copied it (the same request, milliseconds
-# later); Gradio's copies an hour, enough for a page to show them, so a long-running app's temp files stay bounded.
-PANEL_FILE_AGE = 600
+# Seconds an output image stays in Gradio's cache (enough for a page to show it), so a long-running app's temp
+# files stay bounded; Gradio prunes them (its `delete_cache`) once per this period too.
 GRADIO_CACHE_AGE = 3600
 ANY = "any"
 # System fonts: the default theme fetches Google Fonts, and the page must request nothing off this machine.
@@ -86,9 +85,9 @@ class CifarApp:
         self.test: Predictions | None = predict_test_set(self.model, self.ckpt_path, dm) if dm else None
         self.run_dir = self.ckpt_path.resolve().parent.parent
         self._files = tempfile.TemporaryDirectory(prefix="cifarlab-app-")
-        self._panels = Path(self._files.name) / "panels"  # _png's files, pruned as they age
-        self._panels.mkdir()
-        self._pruned = time.monotonic()
+        # _png's files live in Gradio's own cache: served from there without a copy, and pruned with it.
+        self._panels = Path(get_upload_folder()) / "cifarlab"
+        self._panels.mkdir(parents=True, exist_ok=True)
 
     # ------------------------------------------------------------------ classify
     def classify_image(self, image, top_k: int = 3, opacity: float = 0.5, layer: str | None = None,
@@ -129,28 +128,19 @@ class CifarApp:
 
         Handed an array, Gradio encodes it and rewrites the file named by its hash in place, so when two requests
         make the same image (the same upload twice, two people on one gallery) a client still downloading the
-        first copy gets a truncated body. A file path, instead, Gradio copies into its cache atomically.
+        first copy gets a truncated body. This file is written beside and renamed into place instead.
         """
         buffer = io.BytesIO()
         Image.fromarray(pixels).save(buffer, format="png")
         data = buffer.getvalue()
         path = self._panels / f"{hashlib.sha256(data).hexdigest()[:32]}.png"
         if path.exists():
-            os.utime(path)  # in use again: not one to prune
+            os.utime(path)  # in use again: Gradio's pruning ages files by their ctime
         else:
             fd, part = tempfile.mkstemp(dir=self._panels, suffix=".part")
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
             os.replace(part, path)  # readers see no file or the whole file, never part of one
-        if time.monotonic() - self._pruned > PANEL_FILE_AGE:
-            self._pruned = time.monotonic()
-            old = time.time() - PANEL_FILE_AGE
-            for f in self._panels.iterdir():
-                try:
-                    if f.stat().st_mtime < old:
-                        f.unlink()
-                except FileNotFoundError:  # another request pruned it first
-                    pass
         return str(path)
 
     # ------------------------------------------------------------------ test-set galleries
