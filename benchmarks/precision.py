@@ -3,8 +3,9 @@
     python benchmarks/precision.py [--batch_size 256] [--steps 3]
 
 Forward + backward + SGD step on random channels-last batches, 2 threads, after one warm-up step; prints
-images/s per network and precision, the ratio, and whether oneDNN reports native bf16 here. On CPUs without it
-bf16 autocast is emulated: that is why recipes leave ``trainer.precision`` to ``cifarlab.precision``.
+images/s per network and precision, the ratio, the CPU's bf16 flags, and what ``cifarlab.precision`` picks (and its
+probe measures) here. On CPUs without native bf16, bf16 autocast is emulated: that is why recipes leave
+``trainer.precision`` to ``cifarlab.precision``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from cifarlab.models import build_model
-from cifarlab.precision import cpu_has_native_bf16, fastest_precision
+from cifarlab.precision import choose_precision, cpu_info, probe_bf16_speedup
 
 
 def images_per_s(arch: str, bf16: bool, batch_size: int, steps: int) -> float:
@@ -47,8 +48,13 @@ def main() -> None:
     parser.add_argument("--archs", nargs="+", default=["airbench", "custom_resnet"])
     opts = parser.parse_args()
     torch.set_num_threads(2)
-    print(f"CPU: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"oneDNN native bf16: {cpu_has_native_bf16()}, cifarlab picks: {fastest_precision('cpu')}")
+    model, flags = cpu_info()
+    bf16_flags = sorted(f for f in flags or [] if "bf16" in f) or "none"
+    choice = choose_precision("cpu")
+    print(f"CPU: {model} ({platform.machine()}), torch {torch.__version__}, bf16 flags: {bf16_flags}, "
+          f"oneDNN says bf16 supported: {torch.ops.mkldnn._is_mkldnn_bf16_supported()}")
+    print(f"cifarlab's probe: bf16 {probe_bf16_speedup():.2f}x fp32; cifarlab picks: {choice.precision} "
+          f"({choice.reason})")
     print("| network | fp32 img/s | bf16 autocast img/s | bf16 / fp32 |")
     print("|---|---|---|---|")
     for arch in opts.archs:

@@ -8,6 +8,13 @@
     glibc malloc tuned as `cifarlab` does.
 Each runs in its own process (malloc settings are per process) through the Lightning Trainer; images/s are
 measured over `--steps` optimizer steps after `--warmup` steps. Prints both and the ratio.
+
+For every measured path it also prints training GFLOP/s: images/s x 3 x the forward FLOPs per image of the
+model summary (Lightning's ``ModelSummary``, which counts a multiply-add as 2 FLOPs; backward ~2x forward),
+against a ceiling measured on this machine in the same process: a large 3x3 conv (256 -> 256 channels, 16x16,
+batch 256, channels-last) forward + backward in the same precision, the best of a few calls.
+``--fast`` measures the fast recipe's training steps instead (airbench network, SGD, batch 1024, the
+precision cifarlab picks, batched augmentation) against that ceiling.
 """
 
 from __future__ import annotations
@@ -17,10 +24,15 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from cifarlab.precision import fastest_precision
 
+FAST = Path(__file__).resolve().parents[1] / "configs" / "fast.yaml"
+
 PATHS = {
+    "fast": {"precision": fastest_precision("cpu"), "channels_last": True, "backend": "tensor", "workers": 0,
+             "malloc": True},
     "seed": {"precision": "32-true", "channels_last": False, "backend": "albumentations", "workers": 2,
              "malloc": False},
     "cifarlab": {"precision": fastest_precision("cpu"), "channels_last": True, "backend": "tensor", "workers": 0,
@@ -28,7 +40,33 @@ PATHS = {
 }
 
 
-def measure(which: str, root: str, steps: int, warmup: int, batch_size: int, val_size: int) -> float:
+def ceiling_gflops(precision: str, repeats: int = 4) -> float:
+    """Best GFLOP/s of a 256 -> 256, 3x3 conv forward + backward at 16x16, batch 256, in ``precision``."""
+    import torch
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(256, 256, 3, padding=1, bias=False).to(memory_format=torch.channels_last)
+    x = torch.randn(256, 256, 16, 16).contiguous(memory_format=torch.channels_last).requires_grad_()
+    flops = 3 * 2 * 256 * 256 * 9 * 16 * 16 * 256  # forward, input gradient, weight gradient
+    best = float("inf")
+    for i in range(repeats + 1):
+        start = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision.startswith("bf16")):
+            out = conv(x)
+        out.float().sum().backward()
+        if i:
+            best = min(best, time.perf_counter() - start)
+    return flops / best / 1e9
+
+
+def forward_flops_per_image(model) -> float:
+    """FLOPs of one image's forward pass, from Lightning's model summary (on the model's example input)."""
+    from lightning.pytorch.utilities.model_summary import ModelSummary
+
+    return ModelSummary(model, max_depth=1).total_flops / len(model.example_input_array)
+
+
+def measure(which: str, root: str, steps: int, warmup: int, batch_size: int, val_size: int) -> dict:
     import lightning as L
 
     from cifarlab.cli import tune_malloc
@@ -49,15 +87,26 @@ def measure(which: str, root: str, steps: int, warmup: int, batch_size: int, val
             self.seconds = time.perf_counter() - self.start
 
     L.seed_everything(0)
-    dm = CIFARDataModule(root=root, batch_size=batch_size, num_workers=path["workers"], val_size=val_size,
-                         augment=AugmentConfig(backend=path["backend"]))
-    model = ImageClassifier(optimizer="adam", lr=1e-3, channels_last=path["channels_last"])
+    if which == "fast":  # the recipe itself, as `cifarlab fit --config configs/fast.yaml` builds it
+        from cifarlab.cli import CifarLabCLI
+
+        cli = CifarLabCLI(args=["--config", str(FAST), "--data.root", root, "--data.val_size", str(val_size),
+                                "--trainer.logger", "false"], run=False, save_config_callback=None)
+        model, dm = cli.model, cli.datamodule
+        batch_size = dm.batch_size
+    else:
+        dm = CIFARDataModule(root=root, batch_size=batch_size, num_workers=path["workers"], val_size=val_size,
+                             augment=AugmentConfig(backend=path["backend"]))
+        model = ImageClassifier(optimizer="adam", lr=1e-3, channels_last=path["channels_last"])
+    flops = forward_flops_per_image(model)
     timer = Timer()
     trainer = L.Trainer(max_steps=warmup + steps, limit_val_batches=0, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, precision=path["precision"],
                         callbacks=[timer])
     trainer.fit(model, datamodule=dm)
-    return steps * batch_size / timer.seconds
+    img_per_s = steps * batch_size / timer.seconds
+    return {"img_per_s": img_per_s, "gflops": img_per_s * 3 * flops / 1e9,
+            "ceiling": ceiling_gflops(path["precision"]), "precision": path["precision"]}
 
 
 def main() -> None:
@@ -67,21 +116,28 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--val_size", type=int, default=5000, help="held out, as in training (not timed)")
+    parser.add_argument("--fast", action="store_true", help="the fast recipe's training steps against the ceiling")
     parser.add_argument("--which", choices=list(PATHS), help=argparse.SUPPRESS)  # child process
     opts = parser.parse_args()
     if opts.which:
-        speed = measure(opts.which, opts.root, opts.steps, opts.warmup, opts.batch_size, opts.val_size)
-        print(json.dumps({"img_per_s": speed}))
+        print(json.dumps(measure(opts.which, opts.root, opts.steps, opts.warmup, opts.batch_size, opts.val_size)))
         return
+    from cifarlab.precision import cpu_info
+
+    print(f"CPU: {cpu_info()[0]}")
     results = {}
-    for which in PATHS:
+    for which in ["fast"] if opts.fast else ["seed", "cifarlab"]:
         out = subprocess.run([sys.executable, __file__, "--data.root", opts.root, "--steps", str(opts.steps),
                               "--warmup", str(opts.warmup), "--batch_size", str(opts.batch_size),
                               "--val_size", str(opts.val_size), "--which", which],
                              check=True, capture_output=True, text=True).stdout
-        results[which] = json.loads(out.strip().splitlines()[-1])["img_per_s"]
-        print(f"{which:>9}: {results[which]:.0f} training images/s  ({PATHS[which]})", flush=True)
-    print(f"ratio cifarlab / seed: {results['cifarlab'] / results['seed']:.2f}x")
+        got = json.loads(out.strip().splitlines()[-1])
+        results[which] = got["img_per_s"]
+        print(f"{which:>9}: {got['img_per_s']:.0f} training images/s  ({PATHS[which]})", flush=True)
+        print(f"{'':>9}  {got['gflops']:.0f} training GFLOP/s = {got['gflops'] / got['ceiling']:.0%} of this machine's "
+              f"ceiling ({got['ceiling']:.0f} GFLOP/s: large conv fwd + bwd, {got['precision']})", flush=True)
+    if not opts.fast:
+        print(f"ratio cifarlab / seed: {results['cifarlab'] / results['seed']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -75,3 +75,32 @@ def test_app_load_answers_every_request(smoke_run, same):
                *same)
     assert "wave 1: answered 4/4, errors 0, wrong 0" in out
     assert ("of the same image" in out) == bool(same)
+
+
+@pytest.fixture(scope="module")
+def folder_1k(tmp_path_factory):
+    """A synthetic folder with more training images than airbench94's batch of 1,024 (its loader drops the rest)."""
+    from conftest import make_image_folder
+
+    return make_image_folder(tmp_path_factory.mktemp("k") / "data", n_train=350, n_test=6)
+
+
+def test_peer_runs_airbench_and_cifarlab_side_by_side(folder_1k, tmp_path):
+    out = _run("benchmarks/peer.py", "--data.root", folder_1k, "--seeds", "0", "--peer_epochs", "1",
+               "--run_dir", tmp_path, "--", "--trainer.max_steps", "2", "--data.batch_size", "64",
+               "--data.val_size", "0")
+    assert out.startswith("CPU: ") and "seed 0: airbench94 " in out and "seed 0: cifarlab " in out
+    assert "time ratio cifarlab / airbench94: " in out
+
+
+def test_budget_benchmark_runs_both_sides(folder_1k, tmp_path):
+    out = _run("benchmarks/budget.py", "--data.root", folder_1k, "--budgets", "40s", "--run_dir", tmp_path,
+               "--", "--data.batch_size", "64", "--data.val_size", "0")
+    assert "airbench94 here" in out and "budget 40s, seed 0: cifarlab " in out and "| 40s | 0 |" in out
+    assert "cifarlab: budget 40s" in out  # the plan line of the run
+
+
+def test_throughput_fast_reports_the_ceiling(folder_1k):
+    out = _run("benchmarks/throughput.py", "--data.root", folder_1k, "--steps", "1", "--warmup", "1",
+               "--val_size", "12", "--fast")
+    assert "fast: " in out and "of this machine's ceiling" in out

@@ -133,16 +133,19 @@ class TestEveryEpoch(L.Callback):
     def __init__(self):
         self.seconds = 0.0  # spent in these extra test passes, so benchmarks can leave it out of wall times
 
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or trainer.datamodule is None:
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # After the epoch's validation, if any (recipes with val_size 0 have none).
+        if trainer.datamodule is None:
             return
         start = time.perf_counter()
         correct = total = 0
+        pl_module.eval()
         with torch.no_grad(), trainer.precision_plugin.forward_context():
             for x, y in trainer.datamodule.test_dataloader():
                 x, y = x.to(pl_module.device), y.to(pl_module.device)
                 correct += (pl_module(x).argmax(1) == y).sum().item()
                 total += len(y)
+        pl_module.train()
         self.seconds += time.perf_counter() - start
         pl_module.log("epoch_test_acc", correct / max(total, 1))
         pl_module.log("epoch_test_s", self.seconds)  # cumulative

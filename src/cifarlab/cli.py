@@ -23,6 +23,7 @@ import ctypes.util
 import os
 import sys
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -34,11 +35,12 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from cifarlab.budget import TimeBudget, parse_budget, process_start_time
 from cifarlab.callbacks import EpochSpeed, InterruptCheckpoint, RNGState, TestReport
 from cifarlab.data import CIFARDataModule
 from cifarlab.errors import CifarlabError
 from cifarlab.module import ImageClassifier
-from cifarlab.precision import fastest_precision
+from cifarlab.precision import choose_precision
 
 
 class OneLineErrorParser(LightningArgumentParser):
@@ -79,6 +81,10 @@ class CifarLabCLI(LightningCLI):
         parser.add_argument("--run.dir", type=str, default="runs", help="Where run directories are created.")
         parser.add_argument("--run.name", type=str, default="default",
                             help="Runs go to <run.dir>/<run.name>/version_<n>/.")
+        parser.add_argument("--budget", type=str | None, default=None,
+                            help="fit only: a time budget for fit + test (10m, 90s, 1h30m, 600): a short probe of "
+                                 "this machine's speed sizes the schedule (steps, epochs, early crops) to end "
+                                 "within it; replaces --trainer.max_epochs/max_steps.")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.monitor": "val_acc", "checkpoint.mode": "max", "checkpoint.save_last": False,
                              "checkpoint.filename": "epoch{epoch:02d}-val_acc{val_acc:.4f}",
@@ -107,11 +113,33 @@ class CifarLabCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         if config["trainer"].get("precision") is None:
             # Recipes leave precision to the machine: bf16 where it is native, fp32 on CPUs that only emulate it.
-            precision = fastest_precision(config["trainer"].get("accelerator"))
-            config["trainer"]["precision"] = precision
+            choice = choose_precision(config["trainer"].get("accelerator"))
+            config["trainer"]["precision"] = choice.precision
             if os.environ.get("LOCAL_RANK", "0") == "0":
                 # stdout, like Lightning's own device lines: stderr stays for errors (one line each).
-                print(f"cifarlab: precision {precision} (the fastest on this machine; --trainer.precision overrides)")
+                print(f"cifarlab: precision {choice.precision} ({choice.reason}; --trainer.precision overrides)")
+        self._budget = None
+        if config.get("budget") is not None:
+            if self.subcommand != "fit":
+                raise CifarlabError(f"--budget plans training: it is for `cifarlab fit`, not `{self.subcommand}`")
+            seconds = parse_budget(config["budget"])
+            start = _COMMAND_START or time.time()
+            spent = time.time() - start
+            if seconds <= spent:
+                raise CifarlabError(f"--budget {config['budget']} is already spent by start-up "
+                                    f"({spent:.0f} s): give a longer budget")
+            augment = config["data"].get("augment") or {}
+            augment = augment if isinstance(augment, dict) else vars(augment)
+            epochs = config["trainer"].get("max_epochs") or 0
+            crop = augment.get("early_crop") and augment.get("early_crop_epochs") and epochs
+            fraction = augment["early_crop_epochs"] / epochs if crop else 0.0  # the recipe's share of cropped epochs
+            self._budget = TimeBudget(seconds, start, crop_fraction=fraction,
+                                      whole_epochs=bool(config["checkpoint"].get("monitor")),
+                                      resume=bool(config.get("ckpt_path")))
+        if self.subcommand == "fit" and config["data"].get("val_size") == 0 and config["checkpoint"].get("monitor"):
+            raise CifarlabError(f"--data.val_size 0 leaves nothing to validate, so --checkpoint.monitor "
+                                f"{config['checkpoint']['monitor']} has no value to choose by: add "
+                                "--checkpoint.monitor null (test the final weights) or hold images out")
         # A missing --ckpt_path would otherwise surface as Lightning's traceback after the run has started.
         ckpt = config.get("ckpt_path")
         self._resume_version = None
@@ -162,7 +190,10 @@ class CifarLabCLI(LightningCLI):
                                 KeepingCSVLogger(root, name=name, version=version)]
         elif self.subcommand is None:
             kwargs.setdefault("logger", False)  # stats / lr-find: no run directory
-        return super().instantiate_trainer(**kwargs)
+        trainer = super().instantiate_trainer(**kwargs)
+        if getattr(self, "_budget", None) is not None:
+            trainer.callbacks.insert(0, self._budget)  # before the checkpoint callbacks, as Lightning orders them
+        return trainer
 
     def after_fit(self) -> None:
         if self.trainer.interrupted or self.trainer.fast_dev_run:
@@ -174,6 +205,7 @@ class CifarLabCLI(LightningCLI):
 
 
 LAST = "last"
+_COMMAND_START: float | None = None  # when this command started (time.time()), for --budget
 RUN_VERSION_ENV = "CIFARLAB_RUN_VERSION"
 
 
@@ -271,7 +303,7 @@ def stats_main(argv: list[str]) -> None:
     dm = cli.datamodule
     dm.prepare_data()
     dm.setup("fit")
-    print(f"training images: {len(dm.train_set) + len(dm.val_set)} ({len(dm.classes)} classes) in {dm.data_root}")
+    print(f"training images: {len(dm.train_set) + len(dm.val_set or [])} ({len(dm.classes)} classes) in {dm.data_root}")
     print(f"mean: {np.array2string(np.array(dm.mean), precision=4)}")
     print(f"std:  {np.array2string(np.array(dm.std), precision=4)}")
     print(f"cached in {dm.cache_dir}")
@@ -405,11 +437,17 @@ def export_main(argv: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``cifarlab`` console script."""
+    global _COMMAND_START
+    # A budget counts from the process's start for the console script (imports included), from this call for a
+    # program that calls main() itself.
+    _COMMAND_START = process_start_time() if argv is None else time.time()
     argv = list(sys.argv[1:] if argv is None else argv)
     # We hand LightningCLI the arguments it should parse (some are ours): its "args and sys.argv" notice is noise.
     warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
     # Both loggers share the run directory on purpose; the CSV logger only rewrites its own metrics.csv.
     warnings.filterwarnings("ignore", message=".*Experiment logs directory .* exists and is not empty.*")
+    # --data.val_size 0 hands Lightning no validation batches on purpose.
+    warnings.filterwarnings("ignore", message=".*Total length of `list` across ranks is zero.*")
     # Dataclass fields (AugmentConfig) are documented by the string under each: show it in --help.
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
     if argv and argv[0] == "app":

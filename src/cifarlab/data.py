@@ -184,10 +184,14 @@ def load_cifar10_split(root: Path, split: str) -> Split:
 
 # ---------------------------------------------------------------------------------------------- splits
 def stratified_split(labels: np.ndarray, val_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices ``(train, val)`` with ``val_size`` validation images spread over classes in proportion."""
-    if not 0 < val_size < len(labels):
-        raise DataError(f"--data.val_size {val_size} must be between 1 and the {len(labels)} training images - 1")
+    """Indices ``(train, val)`` with ``val_size`` validation images spread over classes in proportion
+    (``val_size=0``: every image trains, ``val`` is empty)."""
+    if not 0 <= val_size < len(labels):
+        raise DataError(f"--data.val_size {val_size} must be between 0 (no validation) and the {len(labels)} "
+                        "training images - 1")
     rng = np.random.default_rng(seed)
+    if val_size == 0:
+        return rng.permutation(len(labels)), np.zeros(0, dtype=np.int64)
     classes, counts = np.unique(labels, return_counts=True)
     quota = val_size * counts / len(labels)
     take = np.floor(quota).astype(int)
@@ -263,7 +267,8 @@ class CIFARDataModule(L.LightningDataModule):
         source: ``auto`` = ``folder`` when a root is given, else ``cifar10``.
         batch_size: training batch size.
         eval_batch_size: batch size for validation, test and prediction (no gradients: larger is faster).
-        val_size: training images held out, stratified, for validation.
+        val_size: training images held out, stratified, for validation. 0: none, every image trains (for
+            recipes that test their final weights, ``checkpoint.monitor: null``; no validation runs).
         split_seed: seed of the validation split (fixed apart from the training seed, so runs compare).
         augment: training augmentation (see ``AugmentConfig``).
         num_workers: DataLoader worker processes; only the albumentations back end needs any.
@@ -396,7 +401,7 @@ class CIFARDataModule(L.LightningDataModule):
             gen = torch.Generator().manual_seed(torch.initial_seed() % 2**63)
             flip_first = torch.rand(len(self.train_set), generator=gen) < 0.5
             self.train_set.alternate_flips(flip_first, lambda: self.trainer.current_epoch if self.trainer else 0)
-        self.val_set = ImageArrayDataset(train.images[val_idx], train.labels[val_idx])
+        self.val_set = ImageArrayDataset(train.images[val_idx], train.labels[val_idx]) if len(val_idx) else None
         self.test_set = ImageArrayDataset(test.images, test.labels)
 
     def _loader(self, dataset, batch_size: int, shuffle: bool, drop_last: bool = False) -> DataLoader:
@@ -417,7 +422,9 @@ class CIFARDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, self.batch_size, shuffle=True, drop_last=True)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_set is None:
+            return []  # val_size 0: Lightning skips validation
         return self._loader(self.val_set, self.eval_batch_size, shuffle=False)
 
     def test_dataloader(self) -> DataLoader:

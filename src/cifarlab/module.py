@@ -198,15 +198,20 @@ class ImageClassifier(L.LightningModule):
             groups.append({"params": bn, "lr": hp.lr * scale, "weight_decay": hp.weight_decay / scale})
         return groups
 
-    def configure_optimizers(self):
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        """The recipe's optimizer over ``param_groups()`` (no schedule)."""
         hp = self.hparams
         groups = self.param_groups()
         if hp.optimizer == "adam":
-            opt = torch.optim.Adam(groups)
-        elif hp.optimizer == "muon":
-            opt = Muon(groups, momentum=hp.momentum, nesterov=hp.nesterov)
-        else:
-            opt = torch.optim.SGD(groups, momentum=hp.momentum, nesterov=hp.nesterov)
+            return torch.optim.Adam(groups)
+        if hp.optimizer == "muon":
+            return Muon(groups, momentum=hp.momentum, nesterov=hp.nesterov)
+        return torch.optim.SGD(groups, momentum=hp.momentum, nesterov=hp.nesterov)
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        opt = self.make_optimizer()
+        groups = opt.param_groups
         if hp.scheduler == "none":
             return opt
         sched = torch.optim.lr_scheduler.OneCycleLR(

@@ -3,32 +3,150 @@
 Recipes leave ``trainer.precision`` out, so the same YAML runs at its best on every machine:
 
 * CUDA: ``bf16-mixed`` where the GPU computes bf16 natively (Ampere and newer), else ``16-mixed``.
-* CPU with native bf16 (AVX512-BF16 or AMX, as oneDNN reports it): ``bf16-mixed``, about 2x fp32 there.
-* Any other CPU (e.g. AVX2 only): ``32-true``. bf16 autocast is emulated there and an order of magnitude
-  slower than fp32 (``benchmarks/precision.py``; docs/benchmarks.md).
+* CPU: ``bf16-mixed`` only where it is measurably faster than fp32 here, else ``32-true``. The CPU's flags
+  decide first: without AVX512-BF16 or AMX-BF16 (x86) oneDNN *emulates* bf16, at 1/3 to 1/20 of fp32's
+  speed, although ``torch.ops.mkldnn._is_mkldnn_bf16_supported()`` still says True on any AVX-512 CPU. With
+  those flags (or where flags cannot be read) a probe of about a second times one conv forward + backward at
+  the fast recipe's shapes in both precisions; its answer is cached per machine (CPU model, flags, threads,
+  torch version) in ``~/.cache/cifarlab/precision-<key>.json``.
 * Anything else (MPS, ...): ``32-true``.
 
-``--trainer.precision`` always wins over this choice.
+``--trainer.precision`` always wins over this choice. Measurements: ``benchmarks/precision.py``,
+docs/benchmarks.md ("Precision").
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
 import torch
 
+CACHE_DIR = Path(os.environ.get("CIFARLAB_CACHE", "~/.cache/cifarlab")).expanduser()
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # x86 flags (Linux /proc/cpuinfo names) of bf16 in hardware
+MIN_SPEEDUP = 1.15  # bf16 must beat fp32 by this factor in the probe: a tie is not worth bf16's rounding
 
-def cpu_has_native_bf16() -> bool:
-    """Whether oneDNN runs bf16 kernels natively on this CPU (AVX512-BF16 / AMX)."""
+
+@dataclass
+class Choice:
+    """A precision and the one-line reason a run prints with it."""
+
+    precision: str
+    reason: str
+
+
+def cpu_info() -> tuple[str, set[str] | None]:
+    """``(model name, flags)`` of this CPU from ``/proc/cpuinfo``; flags are ``None`` where it cannot be read
+    (not Linux), and the model falls back to ``platform.processor()``."""
     try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # a build without oneDNN
-        return False
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine(), None
+    model, flags = "", None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "model name" and not model:
+            model = value.strip()
+        elif key in ("flags", "Features") and flags is None:  # x86 / aarch64
+            flags = set(value.split())
+    return model or platform.machine(), flags
 
 
-def fastest_precision(accelerator: str | None = "auto") -> str:
-    """Lightning precision string for ``accelerator`` (``auto``, ``cpu``, ``gpu``/``cuda``, ...)."""
+def cpu_has_native_bf16(flags: set[str] | None = None) -> bool | None:
+    """Whether this CPU computes bf16 in hardware: True/False from its x86 flags, ``None`` when the flags do not
+    tell (no /proc/cpuinfo, or not x86), in which case only a measurement can."""
+    if flags is None:
+        flags = cpu_info()[1]
+    if flags is None or platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
+        return None
+    return any(f in flags for f in NATIVE_BF16_FLAGS)
+
+
+def probe_bf16_speedup(batch: int = 64, repeats: int = 5) -> float:
+    """Training-speed ratio bf16 autocast / fp32 on this CPU: one 3x3 conv 256 -> 256 channels at 8x8
+    (the fast recipe's third conv group), forward + backward, channels-last. The two precisions alternate
+    and each keeps its fastest of ``repeats`` calls after a warm-up, so another busy process slows both
+    rather than skewing the ratio. About 0.4 s where bf16 is native; it stops early once bf16 is clearly slower.
+    """
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(256, 256, 3, padding=1, bias=False).to(memory_format=torch.channels_last)
+    x = torch.randn(batch, 256, 8, 8).contiguous(memory_format=torch.channels_last).requires_grad_()
+
+    def step(bf16: bool) -> float:
+        start = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = conv(x)
+        out.float().square().mean().backward()
+        return time.perf_counter() - start
+
+    best = {False: float("inf"), True: float("inf")}
+    for bf16 in (False, True):
+        step(bf16)  # oneDNN picks and builds its kernels on the first call
+    for i in range(repeats):
+        for bf16 in (False, True):
+            best[bf16] = min(best[bf16], step(bf16))
+        if i >= 1 and best[True] > 2 * best[False]:  # emulated: no need to measure how slow exactly
+            break
+    return best[False] / best[True]
+
+
+def _cache_file(model: str, flags: set[str] | None) -> Path:
+    key = f"{model}|{sorted(flags or [])}|{torch.get_num_threads()}|{torch.__version__}|{platform.machine()}"
+    return CACHE_DIR / f"precision-{hashlib.sha1(key.encode()).hexdigest()[:12]}.json"
+
+
+def cpu_precision(use_cache: bool = True) -> Choice:
+    """The precision for training on this CPU, with the reason (see the module docstring)."""
+    model, flags = cpu_info()
+    native = cpu_has_native_bf16(flags)
+    if native is False:
+        return Choice("32-true", f"{model} has no native bf16 (no {'/'.join(NATIVE_BF16_FLAGS)} flag): "
+                                 "bf16 would be emulated, slower than fp32")
+    cache = _cache_file(model, flags)
+    speedup = None
+    if use_cache and cache.is_file():
+        try:
+            speedup = float(json.loads(cache.read_text())["bf16_speedup"])
+        except (OSError, ValueError, KeyError, TypeError):
+            speedup = None  # unreadable cache: measure again
+    source = f"cached probe {cache}"
+    if speedup is None:
+        speedup = probe_bf16_speedup()
+        source = "probe"
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"cpu": model, "bf16_speedup": speedup, "threads": torch.get_num_threads(),
+                                       "torch": torch.__version__}))
+            os.replace(tmp, cache)
+        except OSError:
+            pass  # a read-only home: probe again next time
+    flag_text = "native bf16 flags" if native else "CPU flags unknown"
+    if speedup >= MIN_SPEEDUP:
+        return Choice("bf16-mixed", f"{model}: {flag_text}, bf16 {speedup:.2f}x fp32 ({source})")
+    return Choice("32-true", f"{model}: {flag_text}, but bf16 only {speedup:.2f}x fp32 ({source})")
+
+
+def choose_precision(accelerator: str | None = "auto") -> Choice:
+    """Lightning precision string and reason for ``accelerator`` (``auto``, ``cpu``, ``gpu``/``cuda``, ...)."""
     accelerator = str(accelerator or "auto").lower()
     use_cuda = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
     if use_cuda:
-        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+        if torch.cuda.is_bf16_supported():
+            return Choice("bf16-mixed", "the GPU computes bf16 natively")
+        return Choice("16-mixed", "the GPU has no native bf16")
     on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.backends.mps.is_available())
-    return "bf16-mixed" if on_cpu and cpu_has_native_bf16() else "32-true"
+    if not on_cpu:
+        return Choice("32-true", f"accelerator {accelerator}: no mixed precision chosen for it")
+    return cpu_precision()
+
+
+def fastest_precision(accelerator: str | None = "auto") -> str:
+    """Lightning precision string for ``accelerator`` (see ``choose_precision``)."""
+    return choose_precision(accelerator).precision
