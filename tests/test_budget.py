@@ -107,9 +107,10 @@ def test_budgeted_fit_plans_the_whole_schedule(image_folder, tmp_path, capsys):
     out = captured.out + captured.err
     line = next(x for x in out.splitlines() if x.startswith("cifarlab: budget 1m 30s"))
     steps = int(line.split(" steps of ")[0].rsplit(" ", 1)[1])
-    assert steps >= 1 and "expected end" in line and "test accuracy" in out
+    assert steps >= 1 and "expected end" in line
     assert time.time() - start < 90 * 1.1 + 30  # (loose: a busy CI machine; benchmarks/budget.py measures it)
     run = tmp_path / "fast" / "version_0"
+    assert (run / "test_metrics.json").exists()  # tested after training
     ckpt = ImageClassifier.load_from_checkpoint(run / "checkpoints" / "last.ckpt", map_location="cpu")
     assert ckpt is not None
     import torch
@@ -122,17 +123,19 @@ def test_budgeted_fit_plans_the_whole_schedule(image_folder, tmp_path, capsys):
     assert budget_state["plan"]["steps"] == steps
 
 
-@pytest.mark.parametrize(("budget", "message"), [("0", "leaves no time"), ("-5m", "negative"),
-                                                 ("abc", "not a duration"), ("0.001s", "already spent")])
+@pytest.mark.parametrize(("budget", "message"), [(["--budget", "0"], "--budget 0 leaves no time"),
+                                                 (["--budget=-5m"], "--budget -5m is negative"),
+                                                 (["--budget", "-5m"], "--budget: expected one argument"),
+                                                 (["--budget", "abc"], "--budget 'abc' is not a duration"),
+                                                 (["--budget", "0.001s"], "is already spent")])
 def test_bad_budget_is_one_line_and_exit_2(budget, message, image_folder, tmp_path, capsys):
     from cifarlab.cli import main
 
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", FAST, "--data.root", str(image_folder), "--run.dir", str(tmp_path),
-              "--budget", budget])
+        main(["fit", "--config", FAST, "--data.root", str(image_folder), "--run.dir", str(tmp_path), *budget])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("cifarlab: error: --budget") and message in err[0]
+    assert len(err) == 1 and err[0].startswith("cifarlab: error: ") and message in err[0]
     assert not (tmp_path / "fast").exists()  # refused before any run folder
 
 

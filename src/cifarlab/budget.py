@@ -23,7 +23,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_only
 
 from cifarlab.errors import ConfigError
 
@@ -94,6 +94,12 @@ class Plan:
     crop_epochs: int
     expected_end: float  # time.time() scale
     train_img_per_s: float
+
+
+@rank_zero_only
+def say(line: str) -> None:
+    """A line on stdout from rank 0, beside cifarlab's precision line (stderr is for errors)."""
+    print(line, flush=True)
 
 
 def _sync(device: torch.device) -> None:
@@ -268,10 +274,10 @@ class TimeBudget(L.Callback):
         crops = f", the first {plan.crop_epochs} on {trainer.datamodule.augment.early_crop}-px crops" \
             if plan.crop_epochs else ""
         if speed is None:  # resumed: the plan came from the checkpoint
-            rank_zero_info(f"cifarlab: budget {format_seconds(plan.budget_s)}: resuming the saved plan, "
+            say(f"cifarlab: budget {format_seconds(plan.budget_s)}: resuming the saved plan, "
                            f"{plan.steps} steps in {plan.epochs} epochs{crops}")
             return
-        rank_zero_info(
+        say(
             f"cifarlab: budget {format_seconds(plan.budget_s)}: this machine trains {plan.train_img_per_s:,.0f} "
             f"img/s (probe, {speed.probe_s:.1f} s) -> {plan.steps} steps of {trainer.datamodule.batch_size} = "
             f"{plan.steps / plan.steps_per_epoch:.2f} epochs in {plan.epochs}{crops}, then the test; "
