@@ -160,3 +160,65 @@ def test_budget_is_for_fit_only(image_folder, tmp_path, capsys):
         main(["test", "--config", FAST, "--data.root", str(image_folder), "--run.dir", str(tmp_path),
               "--budget", "5m"])
     assert "it is for `cifarlab fit`" in capsys.readouterr().err
+
+
+def _budget_fit(folder, run_dir, *extra):
+    from cifarlab.cli import main
+
+    main(["fit", "--config", FAST, "--data.root", str(folder), "--run.dir", str(run_dir), "--data.batch_size", "8",
+          "--data.eval_batch_size", "16", "--data.val_size", "0", "--trainer.enable_progress_bar", "false", *extra])
+
+
+def test_resume_keeps_the_budget_plan_and_a_plain_checkpoint_refuses_a_budget(image_folder, tmp_path, capsys):
+    import torch
+
+    from cifarlab.cli import main
+
+    _budget_fit(image_folder, tmp_path, "--budget", "40s")
+    last = tmp_path / "fast" / "version_0" / "checkpoints" / "last.ckpt"
+    steps = torch.load(last, weights_only=True)["global_step"]
+    # Resumed without --budget: the saved plan still sizes the loop (the run is complete: nothing more to train).
+    _budget_fit(image_folder, tmp_path, "--ckpt_path", "last")
+    assert "resuming the saved plan, " + f"{steps} steps" in capsys.readouterr().out
+    assert torch.load(last, weights_only=True)["global_step"] == steps
+    # A checkpoint trained without a budget cannot take one: its schedule has its own length.
+    _budget_fit(image_folder, tmp_path / "plain", "--trainer.max_epochs", "1")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", FAST, "--data.root", str(image_folder), "--run.dir", str(tmp_path / "plain"),
+              "--data.val_size", "0", "--ckpt_path", "last", "--budget", "5m"])
+    assert exit_info.value.code == 2 and "was trained without --budget" in capsys.readouterr().err
+
+
+def test_budget_refuses_partial_batches(image_folder, tmp_path, capsys):
+    from cifarlab.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", FAST, "--data.root", str(image_folder), "--run.dir", str(tmp_path),
+              "--budget", "5m", "--trainer.accumulate_grad_batches", "2"])
+    assert "leave --trainer.accumulate_grad_batches" in capsys.readouterr().err
+
+
+def test_probe_restores_the_model_and_the_random_streams(image_folder):
+    import lightning as L
+    import torch
+
+    from cifarlab.budget import probe_speed
+    from cifarlab.data import CIFARDataModule
+    from cifarlab.module import ImageClassifier
+
+    dm = CIFARDataModule(root=str(image_folder), batch_size=8, eval_batch_size=16, val_size=0)
+    dm.setup("fit")
+    model = ImageClassifier(arch="airbench", optimizer="sgd", lr=0.1, class_names=dm.classes)
+    model.net.block1.eval()  # an odd mode, to see it kept
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    speed = probe_speed(trainer, model, dm)
+    assert torch.equal(torch.rand(3), expected)  # the seeded stream did not move
+    assert speed.step_s > 0 and speed.eval_batch_s > 0 and speed.crop_step_s is None
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not model.net.block1.training and model.net.block2.training
+    assert all(p.grad is None for p in model.parameters())

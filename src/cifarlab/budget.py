@@ -65,9 +65,11 @@ def process_start_time() -> float:
         fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
         boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
                     if line.startswith("btime"))
-        return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+        start = boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError, StopIteration):
         return _IMPORTED_AT
+    # (containers with their own time namespace can report a boot time that is not the host's)
+    return start if _IMPORTED_AT - 3600 < start <= _IMPORTED_AT else _IMPORTED_AT
 
 
 _IMPORTED_AT = time.time()
@@ -114,6 +116,7 @@ def probe_speed(trainer: L.Trainer, module, datamodule, steps: int = 2) -> Speed
     device = trainer.strategy.root_device
     module.to(device)
     saved = copy.deepcopy(module.state_dict())
+    modes = {m: m.training for m in module.modules()}
     optimizer = module.make_optimizer()
     augment = getattr(datamodule, "_batch_augment", None)
     if augment is not None:
@@ -125,6 +128,16 @@ def probe_speed(trainer: L.Trainer, module, datamodule, steps: int = 2) -> Speed
         # NHWC pixels seen as (n, 3, 32, 32), as the dataset serves them
         x = torch.randint(0, 256, (n, 32, 32, 3), dtype=torch.uint8, generator=gen).permute(0, 3, 1, 2)
         return x.to(device), torch.randint(0, num_classes, (n,), generator=gen).to(device)
+
+    def per_sample_seconds() -> float:
+        # The albumentations back end prepares every batch image by image, on the same two cores as training.
+        train_set = datamodule.train_set
+        if train_set.transform is None:
+            return 0.0
+        n = min(datamodule.batch_size, len(train_set))
+        t0 = time.perf_counter()
+        train_set.__getitems__(list(range(n)))
+        return (time.perf_counter() - t0) * datamodule.batch_size / n
 
     def train_seconds(crop: int | None) -> float:
         x, y = batch(datamodule.batch_size)
@@ -155,18 +168,22 @@ def probe_speed(trainer: L.Trainer, module, datamodule, steps: int = 2) -> Speed
                 module(x)
                 _sync(device)
                 times.append(time.perf_counter() - t0)
-        module.train()
         return times[-1]
 
-    try:
-        step_s = train_seconds(None)
-        aug = datamodule.augment
-        crop_s = train_seconds(aug.early_crop) if aug.early_crop and aug.early_crop_epochs else None
-        eval_s = eval_seconds()
-    finally:
-        module.load_state_dict(saved)
-        for p in module.parameters():
-            p.grad = None
+    # The probe's random draws must not move the run's seeded streams (shuffles, augmentation).
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        try:
+            data_s = per_sample_seconds()
+            step_s = train_seconds(None) + data_s
+            aug = datamodule.augment
+            crop_s = train_seconds(aug.early_crop) + data_s if aug.early_crop and aug.early_crop_epochs else None
+            eval_s = eval_seconds()
+        finally:
+            module.load_state_dict(saved)
+            for m, training in modes.items():
+                m.training = training
+            for p in module.parameters():
+                p.grad = None
     return Speed(step_s, crop_s, eval_s, time.perf_counter() - start)
 
 
@@ -184,7 +201,8 @@ def make_plan(budget_s: float, deadline: float, now: float, speed: Speed, *, ste
     batches = lambda n: math.ceil(n / eval_batch_size) if n else 0  # noqa: E731
     test_s = batches(test_images) * speed.eval_batch_s * tta_passes(tta_level) + END_OVERHEAD_S
     val_s = batches(val_images) * speed.eval_batch_s
-    available = (deadline - now) * SAFETY - test_s - 2 * val_s  # (+ Lightning's sanity check: 2 val batches)
+    sanity_s = min(2, batches(val_images)) * speed.eval_batch_s  # Lightning's sanity check: 2 validation batches
+    available = (deadline - now) * SAFETY - test_s - sanity_s
     crop_step_s = speed.crop_step_s or speed.step_s
 
     def cost(steps: int) -> tuple[float, int, int]:
@@ -204,13 +222,58 @@ def make_plan(budget_s: float, deadline: float, now: float, speed: Speed, *, ste
     if whole_epochs and steps >= steps_per_epoch:
         steps -= steps % steps_per_epoch
     if steps < 1:
-        need = speed.step_s + test_s + val_s * 3 + EPOCH_OVERHEAD_S
+        need = speed.step_s + test_s + val_s + sanity_s + EPOCH_OVERHEAD_S
         raise ConfigError(f"--budget {format_seconds(budget_s)} is too short to train one step here: "
                           f"{format_seconds(max(deadline - now, 0))} are left after start-up and loading, and one "
                           f"step plus the test takes ~{format_seconds(need)}; give a longer budget")
     seconds, epochs, crop_epochs = cost(steps)
-    end = now + (seconds + test_s + 2 * val_s)
+    end = now + (seconds + test_s + sanity_s)
     return Plan(budget_s, steps, epochs, steps_per_epoch, crop_epochs, end, batch_size / speed.step_s)
+
+
+def saved_plan(ckpt_path: str | None) -> dict | None:
+    """The budget plan a checkpoint carries, if any (``None`` also for files that do not load: the CLI's
+    checkpoint check reports those in one line)."""
+    if not ckpt_path or not Path(ckpt_path).expanduser().is_file():
+        return None
+    try:
+        ckpt = torch.load(Path(ckpt_path).expanduser(), map_location="cpu", weights_only=True)
+        return next((v["plan"] for k, v in ckpt.get("callbacks", {}).items()
+                     if k.startswith("TimeBudget") and v.get("plan")), None)
+    except Exception:  # noqa: BLE001  (any unreadable file: reported by the checkpoint check)
+        return None
+
+
+def budget_callback(config, subcommand: str | None, start: float) -> TimeBudget | None:
+    """The ``TimeBudget`` a command's resolved config asks for, checked, or ``None``.
+
+    A run resumed (``--ckpt_path``) from a budgeted checkpoint keeps that checkpoint's plan, with or without
+    ``--budget``; ``--budget`` on a checkpoint trained without one is refused (its LR schedule has its own length).
+    """
+    text, ckpt = config.get("budget"), config.get("ckpt_path")
+    plan = saved_plan(ckpt) if subcommand == "fit" else None
+    if text is None:
+        return TimeBudget(plan["budget_s"], start, resume=True) if plan else None
+    if subcommand != "fit":
+        raise ConfigError(f"--budget plans training: it is for `cifarlab fit`, not `{subcommand}`")
+    seconds = parse_budget(text)
+    if time.time() - start >= seconds:
+        raise ConfigError(f"--budget {text} is already spent by start-up ({time.time() - start:.0f} s): "
+                          "give a longer budget")
+    trainer = config["trainer"]
+    if (trainer.get("accumulate_grad_batches") or 1) != 1 or trainer.get("limit_train_batches") not in (None, 1.0):
+        raise ConfigError("--budget plans whole batches and optimizer steps: leave --trainer.accumulate_grad_batches "
+                          "and --trainer.limit_train_batches at their defaults")
+    if ckpt and plan is None:
+        raise ConfigError(f"--ckpt_path {ckpt} was trained without --budget (its schedule has its own length): "
+                          "resume it without --budget")
+    augment = config["data"].get("augment") or {}
+    augment = augment if isinstance(augment, dict) else vars(augment)
+    epochs = trainer.get("max_epochs") or 0
+    crop = augment.get("early_crop") and augment.get("early_crop_epochs") and epochs
+    fraction = augment["early_crop_epochs"] / epochs if crop else 0.0  # the recipe's share of cropped epochs
+    return TimeBudget(seconds, start, crop_fraction=fraction, whole_epochs=bool(config["checkpoint"].get("monitor")),
+                      resume=bool(ckpt))
 
 
 class TimeBudget(L.Callback):
@@ -249,13 +312,23 @@ class TimeBudget(L.Callback):
         if steps_per_epoch < 1:
             raise ConfigError(f"--data.batch_size {dm.batch_size} is larger than the {len(dm.train_set)} training "
                               "images: a budget needs at least one batch per epoch")
-        plan = make_plan(self.budget_s, self.start + self.budget_s, time.time(), speed,
-                         steps_per_epoch=steps_per_epoch, val_images=len(dm.val_set or []) // trainer.world_size,
-                         test_images=len(dm.test_set) // trainer.world_size, eval_batch_size=dm.eval_batch_size,
-                         tta_level=pl_module.hparams.tta_level, crop_fraction=self.crop_fraction,
-                         whole_epochs=self.whole_epochs, batch_size=dm.batch_size * trainer.world_size)
+        plan = None
+        if trainer.is_global_zero:  # one rank decides, so every rank gets the same plan or the same error
+            try:
+                plan = make_plan(self.budget_s, self.start + self.budget_s, time.time(), speed,
+                                 steps_per_epoch=steps_per_epoch,
+                                 val_images=len(dm.val_set or []) // trainer.world_size,
+                                 test_images=len(dm.test_set) // trainer.world_size,
+                                 eval_batch_size=dm.eval_batch_size, tta_level=pl_module.hparams.tta_level,
+                                 crop_fraction=self.crop_fraction, whole_epochs=self.whole_epochs,
+                                 batch_size=dm.batch_size * trainer.world_size)
+            except ConfigError as err:
+                plan = str(err)
+        plan = trainer.strategy.broadcast(plan, src=0)
+        if isinstance(plan, str):
+            raise ConfigError(plan)
         self.speed = speed
-        self._apply(trainer.strategy.broadcast(plan, src=0))
+        self._apply(plan)
 
     def _apply(self, plan: Plan) -> None:
         trainer = self._trainer

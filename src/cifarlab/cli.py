@@ -35,7 +35,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from cifarlab.budget import TimeBudget, parse_budget, process_start_time
+from cifarlab.budget import budget_callback, process_start_time
 from cifarlab.callbacks import EpochSpeed, InterruptCheckpoint, RNGState, TestReport
 from cifarlab.data import CIFARDataModule
 from cifarlab.errors import CifarlabError
@@ -87,7 +87,7 @@ class CifarLabCLI(LightningCLI):
                                  "within it; replaces --trainer.max_epochs/max_steps.")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.monitor": "val_acc", "checkpoint.mode": "max", "checkpoint.save_last": False,
-                             "checkpoint.filename": "epoch{epoch:02d}-val_acc{val_acc:.4f}",
+                             "checkpoint.filename": CKPT_NAME,
                              "checkpoint.auto_insert_metric_name": False})
         # The head's size follows the data: folders with other class counts just work.
         parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
@@ -118,24 +118,6 @@ class CifarLabCLI(LightningCLI):
             if os.environ.get("LOCAL_RANK", "0") == "0":
                 # stdout, like Lightning's own device lines: stderr stays for errors (one line each).
                 print(f"cifarlab: precision {choice.precision} ({choice.reason}; --trainer.precision overrides)")
-        self._budget = None
-        if config.get("budget") is not None:
-            if self.subcommand != "fit":
-                raise CifarlabError(f"--budget plans training: it is for `cifarlab fit`, not `{self.subcommand}`")
-            seconds = parse_budget(config["budget"])
-            start = _COMMAND_START or time.time()
-            spent = time.time() - start
-            if seconds <= spent:
-                raise CifarlabError(f"--budget {config['budget']} is already spent by start-up "
-                                    f"({spent:.0f} s): give a longer budget")
-            augment = config["data"].get("augment") or {}
-            augment = augment if isinstance(augment, dict) else vars(augment)
-            epochs = config["trainer"].get("max_epochs") or 0
-            crop = augment.get("early_crop") and augment.get("early_crop_epochs") and epochs
-            fraction = augment["early_crop_epochs"] / epochs if crop else 0.0  # the recipe's share of cropped epochs
-            self._budget = TimeBudget(seconds, start, crop_fraction=fraction,
-                                      whole_epochs=bool(config["checkpoint"].get("monitor")),
-                                      resume=bool(config.get("ckpt_path")))
         if self.subcommand == "fit" and config["data"].get("val_size") == 0 and config["checkpoint"].get("monitor"):
             raise CifarlabError(f"--data.val_size 0 leaves nothing to validate, so --checkpoint.monitor "
                                 f"{config['checkpoint']['monitor']} has no value to choose by: add "
@@ -155,6 +137,12 @@ class CifarLabCLI(LightningCLI):
                 self._resume_version = int(found.parent.parent.name.split("_", 1)[1])  # log into the same run
         elif ckpt and ckpt not in ("best", "hpc", "registry") and not Path(ckpt).expanduser().is_file():
             raise CifarlabError(f"--ckpt_path {ckpt} not found: pass a .ckpt written by `cifarlab fit`, or 'last'")
+        self._budget = budget_callback(config, self.subcommand, _COMMAND_START or time.time())
+        if self.subcommand == "validate" and config["data"].get("val_size") == 0:
+            raise CifarlabError("--data.val_size 0 holds no image out to validate on: pass --data.val_size N "
+                                "(or use `cifarlab test`)")
+        if not config["checkpoint"].get("monitor") and config["checkpoint"].get("filename") == CKPT_NAME:
+            config["checkpoint"]["filename"] = "epoch{epoch:02d}"  # no metric to put in the name
 
     def _check_checkpoint(self) -> None:
         """Refuse, in one line and before anything runs, a checkpoint with pickled objects or another network."""
@@ -205,6 +193,7 @@ class CifarLabCLI(LightningCLI):
 
 
 LAST = "last"
+CKPT_NAME = "epoch{epoch:02d}-val_acc{val_acc:.4f}"  # the best checkpoint's name, when chosen on val_acc
 _COMMAND_START: float | None = None  # when this command started (time.time()), for --budget
 RUN_VERSION_ENV = "CIFARLAB_RUN_VERSION"
 

@@ -17,6 +17,7 @@ docs/benchmarks.md ("Precision").
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-CACHE_DIR = Path(os.environ.get("CIFARLAB_CACHE", "~/.cache/cifarlab")).expanduser()
+CACHE_DIR: Path | None = None  # default: $CIFARLAB_CACHE or ~/.cache/cifarlab (resolved when first needed)
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # x86 flags (Linux /proc/cpuinfo names) of bf16 in hardware
 MIN_SPEEDUP = 1.15  # bf16 must beat fp32 by this factor in the probe: a tie is not worth bf16's rounding
 
@@ -74,9 +75,10 @@ def probe_bf16_speedup(batch: int = 64, repeats: int = 5) -> float:
     and each keeps its fastest of ``repeats`` calls after a warm-up, so another busy process slows both
     rather than skewing the ratio. About 0.4 s where bf16 is native; it stops early once bf16 is clearly slower.
     """
-    torch.manual_seed(0)
-    conv = torch.nn.Conv2d(256, 256, 3, padding=1, bias=False).to(memory_format=torch.channels_last)
-    x = torch.randn(batch, 256, 8, 8).contiguous(memory_format=torch.channels_last).requires_grad_()
+    with torch.random.fork_rng(devices=[]):  # the run's seed (set before this) must not move
+        torch.manual_seed(0)
+        conv = torch.nn.Conv2d(256, 256, 3, padding=1, bias=False).to(memory_format=torch.channels_last)
+        x = torch.randn(batch, 256, 8, 8).contiguous(memory_format=torch.channels_last).requires_grad_()
 
     def step(bf16: bool) -> float:
         start = time.perf_counter()
@@ -96,9 +98,35 @@ def probe_bf16_speedup(batch: int = 64, repeats: int = 5) -> float:
     return best[False] / best[True]
 
 
-def _cache_file(model: str, flags: set[str] | None) -> Path:
+def _cache_file(model: str, flags: set[str] | None) -> Path | None:
+    """Where this machine's probe result is kept; ``None`` when there is no home to keep it in."""
+    try:
+        folder = CACHE_DIR or Path(os.environ.get("CIFARLAB_CACHE", "~/.cache/cifarlab")).expanduser()
+    except RuntimeError:  # no HOME and no passwd entry
+        return None
     key = f"{model}|{sorted(flags or [])}|{torch.get_num_threads()}|{torch.__version__}|{platform.machine()}"
-    return CACHE_DIR / f"precision-{hashlib.sha1(key.encode()).hexdigest()[:12]}.json"
+    return folder / f"precision-{hashlib.sha1(key.encode()).hexdigest()[:12]}.json"
+
+
+def _read_cache(cache: Path | None) -> float | None:
+    try:
+        return float(json.loads(cache.read_text())["bf16_speedup"]) if cache else None
+    except (OSError, ValueError, KeyError, TypeError):  # missing, unreadable or damaged: measure again
+        return None
+
+
+def _write_cache(cache: Path | None, model: str, speedup: float) -> None:
+    if cache is None:
+        return
+    tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps({"cpu": model, "bf16_speedup": speedup, "threads": torch.get_num_threads(),
+                                   "torch": torch.__version__}))
+        os.replace(tmp, cache)
+    except OSError:  # a read-only home: probe again next time
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
 
 def cpu_precision(use_cache: bool = True) -> Choice:
@@ -109,24 +137,12 @@ def cpu_precision(use_cache: bool = True) -> Choice:
         return Choice("32-true", f"{model} has no native bf16 (no {'/'.join(NATIVE_BF16_FLAGS)} flag): "
                                  "bf16 would be emulated, slower than fp32")
     cache = _cache_file(model, flags)
-    speedup = None
-    if use_cache and cache.is_file():
-        try:
-            speedup = float(json.loads(cache.read_text())["bf16_speedup"])
-        except (OSError, ValueError, KeyError, TypeError):
-            speedup = None  # unreadable cache: measure again
+    speedup = _read_cache(cache) if use_cache else None
     source = f"cached probe {cache}"
     if speedup is None:
         speedup = probe_bf16_speedup()
         source = "probe"
-        try:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"cpu": model, "bf16_speedup": speedup, "threads": torch.get_num_threads(),
-                                       "torch": torch.__version__}))
-            os.replace(tmp, cache)
-        except OSError:
-            pass  # a read-only home: probe again next time
+        _write_cache(cache, model, speedup)
     flag_text = "native bf16 flags" if native else "CPU flags unknown"
     if speedup >= MIN_SPEEDUP:
         return Choice("bf16-mixed", f"{model}: {flag_text}, bf16 {speedup:.2f}x fp32 ({source})")
