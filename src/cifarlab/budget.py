@@ -28,6 +28,10 @@ from lightning.pytorch.utilities import rank_zero_only
 from cifarlab.errors import ConfigError
 
 SAFETY = 0.97  # plan to end at 97% of the budget: the probe's error is a few percent either way
+STEP_OVERHEAD = 1.05  # a step inside Lightning's loop (logging, metrics, Lookahead) vs the probe's bare step:
+                      # 880-940 img/s against the probe's 955 (docs/benchmarks.md, "Time budget")
+REPLAN_FROM = 3  # steps: the pace is measured from here (the first steps build kernels and caches) ...
+REPLAN_AT = 0.15  # ... to this share of the planned steps, then the plan is corrected once
 EPOCH_OVERHEAD_S = 0.3  # per epoch: checkpoint writes, loggers, data loader start (measured ~0.1-0.3 s on CPU)
 END_OVERHEAD_S = 4.0  # after the test: report plots, process exit
 
@@ -96,6 +100,9 @@ class Plan:
     crop_epochs: int
     expected_end: float  # time.time() scale
     train_img_per_s: float
+    test_s: float = 0.0  # planned seconds of the final test (TTA) and reports
+    val_s: float = 0.0  # planned seconds of one validation pass
+    replanned: bool = False
 
 
 @rank_zero_only
@@ -187,6 +194,18 @@ def probe_speed(trainer: L.Trainer, module, datamodule, steps: int = 2) -> Speed
     return Speed(step_s, crop_s, eval_s, time.perf_counter() - start)
 
 
+def resize_schedule(scheduler, old_total: int, new_total: int) -> None:
+    """Give a OneCycleLR schedule ``new_total`` steps instead of ``old_total``, each phase keeping its share, from
+    where it is now (the LR moves by the change in phase position only)."""
+    if not isinstance(scheduler, torch.optim.lr_scheduler.OneCycleLR):
+        return
+    scale = new_total / old_total
+    for phase in scheduler._schedule_phases:  # end steps are pct * total - 1, as OneCycleLR builds them
+        phase["end_step"] = (phase["end_step"] + 1) * scale - 1
+    scheduler._schedule_phases[-1]["end_step"] = new_total - 1
+    scheduler.total_steps = new_total
+
+
 def tta_passes(level: int) -> int:
     """Forward passes per test image at ``tta_level``: 1, mirror 2, mirror + two translations 6."""
     return {0: 1, 1: 2}.get(level, 6)
@@ -203,13 +222,14 @@ def make_plan(budget_s: float, deadline: float, now: float, speed: Speed, *, ste
     val_s = batches(val_images) * speed.eval_batch_s
     sanity_s = min(2, batches(val_images)) * speed.eval_batch_s  # Lightning's sanity check: 2 validation batches
     available = (deadline - now) * SAFETY - test_s - sanity_s
-    crop_step_s = speed.crop_step_s or speed.step_s
+    step_s = speed.step_s * STEP_OVERHEAD
+    crop_step_s = (speed.crop_step_s or speed.step_s) * STEP_OVERHEAD
 
     def cost(steps: int) -> tuple[float, int, int]:
         epochs = math.ceil(steps / steps_per_epoch)
         crop_epochs = min(round(crop_fraction * steps / steps_per_epoch), epochs) if speed.crop_step_s else 0
         crop_steps = min(crop_epochs * steps_per_epoch, steps)
-        seconds = crop_steps * crop_step_s + (steps - crop_steps) * speed.step_s + epochs * (val_s + EPOCH_OVERHEAD_S)
+        seconds = crop_steps * crop_step_s + (steps - crop_steps) * step_s + epochs * (val_s + EPOCH_OVERHEAD_S)
         return seconds, epochs, crop_epochs
 
     lo, hi = 0, 1
@@ -228,7 +248,7 @@ def make_plan(budget_s: float, deadline: float, now: float, speed: Speed, *, ste
                           f"step plus the test takes ~{format_seconds(need)}; give a longer budget")
     seconds, epochs, crop_epochs = cost(steps)
     end = now + (seconds + test_s + sanity_s)
-    return Plan(budget_s, steps, epochs, steps_per_epoch, crop_epochs, end, batch_size / speed.step_s)
+    return Plan(budget_s, steps, epochs, steps_per_epoch, crop_epochs, end, batch_size / speed.step_s, test_s, val_s)
 
 
 def saved_plan(ckpt_path: str | None) -> dict | None:
@@ -338,6 +358,63 @@ class TimeBudget(L.Callback):
         dm = trainer.datamodule
         if dm.augment.early_crop:
             dm.augment.early_crop_epochs = plan.crop_epochs
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        # Once, early, correct the plan with the loop's own pace (the probe times a bare step; the loop adds
+        # logging, metrics and Lookahead, and a shared machine's speed drifts by a few percent either way).
+        plan, step = self.plan, trainer.global_step
+        if plan is None or plan.replanned or self.speed is None:
+            return
+        if step == REPLAN_FROM:
+            self._pace_start = time.perf_counter()
+        elif step == max(REPLAN_FROM + 5, round(REPLAN_AT * plan.steps)) and step < plan.steps:
+            measured = (time.perf_counter() - self._pace_start) / (step - REPLAN_FROM)
+            total = None
+            if trainer.is_global_zero:
+                total = self._replanned_steps(trainer, measured)
+            self._resize(trainer, trainer.strategy.broadcast(total, src=0))
+
+    def _replanned_steps(self, trainer: L.Trainer, measured_s: float) -> int:
+        """Total steps that fit the time left, at the pace measured since step ``REPLAN_FROM``."""
+        plan, speed, done = self.plan, self.speed, trainer.global_step
+        cropping = trainer.current_epoch < plan.crop_epochs
+        planned_s = (speed.crop_step_s if cropping and speed.crop_step_s else speed.step_s) * STEP_OVERHEAD
+        pace = measured_s / planned_s  # > 1: slower than planned
+        full_s = speed.step_s * STEP_OVERHEAD * pace
+        crop_s = (speed.crop_step_s or speed.step_s) * STEP_OVERHEAD * pace
+        spe, crop_total = plan.steps_per_epoch, plan.crop_epochs * plan.steps_per_epoch
+        available = (self.start + plan.budget_s - time.time()) * SAFETY - plan.test_s
+
+        def cost(total: int) -> float:
+            crop_left = max(min(crop_total, total) - done, 0)
+            epochs_left = math.ceil(total / spe) - trainer.current_epoch
+            return crop_left * crop_s + (total - done - crop_left) * full_s + epochs_left * (plan.val_s +
+                                                                                           EPOCH_OVERHEAD_S)
+
+        lo, hi = done + 1, done + 2
+        while cost(hi) <= available:
+            lo, hi = hi, done + 2 * (hi - done)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if cost(mid) <= available else (lo, mid)
+        if self.whole_epochs and lo >= spe:
+            lo = max(lo - lo % spe, math.ceil((done + 1) / spe) * spe)
+        return lo
+
+    def _resize(self, trainer: L.Trainer, total: int) -> None:
+        """Stretch or shrink the rest of the run to ``total`` steps: loop limits and the LR schedule."""
+        old = self.plan.steps
+        self.plan.replanned = True
+        if total == old:
+            return
+        for config in trainer.lr_scheduler_configs:
+            resize_schedule(config.scheduler, old, total)
+        self.plan.steps = total
+        self.plan.epochs = math.ceil(total / self.plan.steps_per_epoch)
+        trainer.fit_loop.max_epochs = self.plan.epochs
+        trainer.fit_loop.epoch_loop.max_steps = total
+        say(f"cifarlab: budget: the loop's pace re-planned the run to {total} steps "
+            f"({total / self.plan.steps_per_epoch:.2f} epochs; {total - old:+d})")
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         plan, speed = self.plan, self.speed
