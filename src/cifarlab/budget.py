@@ -211,6 +211,18 @@ def tta_passes(level: int) -> int:
     return {0: 1, 1: 2}.get(level, 6)
 
 
+def most_steps(cost, available: float, start: int) -> int:
+    """The largest step count ``n >= start`` with ``cost(n) <= available`` (``cost`` grows with ``n``; ``start``
+    if even one more step does not fit): doubling, then bisection."""
+    lo, hi = start, start + 1
+    while cost(hi) <= available:
+        lo, hi = hi, start + 2 * (hi - start)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if cost(mid) <= available else (lo, mid)
+    return lo
+
+
 def make_plan(budget_s: float, deadline: float, now: float, speed: Speed, *, steps_per_epoch: int, val_images: int,
               test_images: int, eval_batch_size: int, tta_level: int, crop_fraction: float, whole_epochs: bool,
               batch_size: int) -> Plan:
@@ -232,13 +244,7 @@ def make_plan(budget_s: float, deadline: float, now: float, speed: Speed, *, ste
         seconds = crop_steps * crop_step_s + (steps - crop_steps) * step_s + epochs * (val_s + EPOCH_OVERHEAD_S)
         return seconds, epochs, crop_epochs
 
-    lo, hi = 0, 1
-    while cost(hi)[0] <= available:
-        lo, hi = hi, hi * 2
-    while hi - lo > 1:  # the largest affordable step count
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if cost(mid)[0] <= available else (lo, mid)
-    steps = lo
+    steps = most_steps(lambda n: cost(n)[0], available, start=0)
     if whole_epochs and steps >= steps_per_epoch:
         steps -= steps % steps_per_epoch
     if steps < 1:
@@ -391,12 +397,7 @@ class TimeBudget(L.Callback):
             return crop_left * crop_s + (total - done - crop_left) * full_s + epochs_left * (plan.val_s +
                                                                                            EPOCH_OVERHEAD_S)
 
-        lo, hi = done + 1, done + 2
-        while cost(hi) <= available:
-            lo, hi = hi, done + 2 * (hi - done)
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if cost(mid) <= available else (lo, mid)
+        lo = max(most_steps(cost, available, start=done), done + 1)  # at least the step being taken
         if self.whole_epochs and lo >= spe:
             lo = max(lo - lo % spe, math.ceil((done + 1) / spe) * spe)
         return lo
