@@ -69,8 +69,8 @@ def forward_flops_per_image(model) -> float:
 def measure(which: str, root: str, steps: int, warmup: int, batch_size: int, val_size: int) -> dict:
     import lightning as L
 
-    from cifarlab.cli import tune_malloc
     from cifarlab.data import CIFARDataModule
+    from cifarlab.memory import tune_malloc
     from cifarlab.module import ImageClassifier
     from cifarlab.transforms import AugmentConfig
 
@@ -91,10 +91,13 @@ def measure(which: str, root: str, steps: int, warmup: int, batch_size: int, val
         from cifarlab.cli import CifarLabCLI
 
         cli = CifarLabCLI(args=["--config", str(FAST), "--data.root", root, "--data.val_size", str(val_size),
-                                "--trainer.logger", "false"], run=False, save_config_callback=None)
+                                "--trainer.logger", "false",
+                                *(["--data.batch_size", str(batch_size)] if batch_size else [])],
+                          run=False, save_config_callback=None)
         model, dm = cli.model, cli.datamodule
         batch_size = dm.batch_size
     else:
+        batch_size = batch_size or 256
         dm = CIFARDataModule(root=root, batch_size=batch_size, num_workers=path["workers"], val_size=val_size,
                              augment=AugmentConfig(backend=path["backend"]))
         model = ImageClassifier(optimizer="adam", lr=1e-3, channels_last=path["channels_last"])
@@ -114,7 +117,8 @@ def main() -> None:
     parser.add_argument("--data.root", dest="root", required=True)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--batch_size", type=int, default=256)
+    parser.add_argument("--batch_size", type=int, default=None,
+                        help="seed/cifarlab paths: default 256; --fast: the recipe's unless given")
     parser.add_argument("--val_size", type=int, default=5000, help="held out, as in training (not timed)")
     parser.add_argument("--fast", action="store_true", help="the fast recipe's training steps against the ceiling")
     parser.add_argument("--which", choices=list(PATHS), help=argparse.SUPPRESS)  # child process
@@ -128,8 +132,8 @@ def main() -> None:
     results = {}
     for which in ["fast"] if opts.fast else ["seed", "cifarlab"]:
         out = subprocess.run([sys.executable, __file__, "--data.root", opts.root, "--steps", str(opts.steps),
-                              "--warmup", str(opts.warmup), "--batch_size", str(opts.batch_size),
-                              "--val_size", str(opts.val_size), "--which", which],
+                              "--warmup", str(opts.warmup), "--val_size", str(opts.val_size), "--which", which,
+                              *(["--batch_size", str(opts.batch_size)] if opts.batch_size else [])],
                              check=True, capture_output=True, text=True).stdout
         got = json.loads(out.strip().splitlines()[-1])
         results[which] = got["img_per_s"]

@@ -35,3 +35,31 @@ class RankMetrics(L.Callback):
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         metrics["world_size"] = trainer.world_size
         (self.folder / f"rank{trainer.global_rank}.json").write_text(json.dumps(metrics))
+
+
+class SlowAt(L.Callback):
+    """Makes one phase of a run slow, so a test's signal lands inside it: from training step ``step`` on, ``where``
+    is ``train`` (after each training batch), ``val`` (each validation batch, after the sanity check), ``test``
+    (each test batch) or ``save`` (each checkpoint save, on every rank). Rank 0 touches ``marker`` on arrival."""
+
+    def __init__(self, where: str, marker: str, step: int = 0, pause: float = 0.5):
+        self.where, self.marker, self.step, self.pause = where, Path(marker), step, pause
+
+    def _arrive(self, trainer, where: str) -> None:
+        if where != self.where or trainer.global_step < self.step or trainer.sanity_checking:
+            return
+        if trainer.global_rank == 0:
+            self.marker.touch()
+        time.sleep(self.pause)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._arrive(trainer, "train")
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._arrive(trainer, "val")
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._arrive(trainer, "test")
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        self._arrive(trainer, "save")

@@ -143,16 +143,18 @@ def test_console_script_reports_bad_data_without_traceback(tmp_path):
     assert "not a train/test ImageFolder" in proc.stderr.strip().splitlines()[-1]
 
 
-def test_fast_recipe_trains_with_whitening_lookahead_and_tta(image_folder, tmp_path):
+@pytest.mark.parametrize("recipe, optimizer", [("fast", "muon"), ("airbench94", "sgd")])
+def test_airbench_recipes_train_with_whitening_and_tta(image_folder, tmp_path, recipe, optimizer):
     run = tmp_path / "runs"
-    main(["fit", "--config", str(REPO / "configs" / "fast.yaml"), "--data.root", str(image_folder),
+    main(["fit", "--config", str(REPO / "configs" / f"{recipe}.yaml"), "--data.root", str(image_folder),
           "--run.dir", str(run), "--data.batch_size", "16", "--data.val_size", "12", "--trainer.max_epochs", "2",
           "--trainer.enable_progress_bar", "false"])
-    (version,) = (run / "fast").glob("version_*")
+    (version,) = (run / recipe).glob("version_*")
     metrics = json.loads((version / "test_metrics.json").read_text())
     assert metrics["num_images"] == 18 and 0 <= metrics["test_acc"] <= 1
     model = ImageClassifier.load_from_checkpoint(version / "checkpoints" / "last.ckpt", map_location="cpu")
     assert model.hparams.arch == "airbench" and model.hparams.tta_level == 2
+    assert model.hparams.optimizer == optimizer
     # The whitening filters were set from the data (not left at their random init) and stayed frozen.
     w = model.net.whiten.weight
     torch.testing.assert_close(w[:12], -w[12:])
@@ -186,3 +188,69 @@ def test_help_documents_the_augmentation_fields(capsys):
     out = " ".join(capsys.readouterr().out.split())
     assert "Progressive resizing (tensor back end only)" in out
     assert "Where augmentation runs: per sample (albumentations)" in out
+
+
+def test_app_takes_gradios_server_variables_and_flags_win(monkeypatch, capsys):
+    from cifarlab.cli import app_options
+
+    monkeypatch.delenv("GRADIO_SERVER_NAME", raising=False)
+    monkeypatch.delenv("GRADIO_SERVER_PORT", raising=False)
+    opts = app_options(["--ckpt", "x.ckpt"])
+    assert (opts.host, opts.port) == ("127.0.0.1", 7860)
+    monkeypatch.setenv("GRADIO_SERVER_NAME", "0.0.0.0")
+    monkeypatch.setenv("GRADIO_SERVER_PORT", "8001")
+    opts = app_options(["--ckpt", "x.ckpt"])
+    assert (opts.host, opts.port) == ("0.0.0.0", 8001)
+    opts = app_options(["--ckpt", "x.ckpt", "--host", "127.0.0.1", "--port", "9000"])
+    assert (opts.host, opts.port) == ("127.0.0.1", 9000)
+    monkeypatch.setenv("GRADIO_SERVER_PORT", "http")
+    with pytest.raises(SystemExit) as exit_:
+        main(["app", "--ckpt", "x.ckpt"])
+    assert exit_.value.code == 2
+    assert "GRADIO_SERVER_PORT='http' is not a port number" in capsys.readouterr().err
+
+
+def test_default_root_dir_is_where_the_run_goes(image_folder, tmp_path, capsys):
+    where = tmp_path / "lightning_root"
+    main(["fit", "--config", SMOKE, "--data.root", str(image_folder), "--trainer.default_root_dir", str(where)])
+    assert (where / "smoke" / "version_0" / "test_metrics.json").exists()
+    assert list((where / "smoke" / "version_0" / "checkpoints").glob("*.ckpt"))
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", SMOKE, "--data.root", str(image_folder), "--trainer.default_root_dir", str(where),
+              "--run.dir", str(tmp_path / "elsewhere")])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "both say where the run goes" in err[0]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc settings: Linux only")
+def test_malloc_tuning_is_for_training_and_can_be_switched_off(monkeypatch):
+    import ctypes
+
+    calls = []
+
+    class FakeLibc:
+        def mallopt(self, param, value):
+            calls.append(param)
+
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: FakeLibc())
+    from cifarlab.memory import tune_malloc
+
+    tune_malloc()
+    assert calls == [-4, -1, -2]  # mmap max, trim threshold, top pad
+    calls.clear()
+    tune_malloc(server=True)
+    assert calls == [-8]  # arena max
+    calls.clear()
+    monkeypatch.setenv("CIFARLAB_MALLOC_TUNING", "0")
+    tune_malloc()
+    assert calls == []
+
+
+def test_an_added_logger_keeps_the_run_directory_and_its_files(image_folder, tmp_path):
+    extra = json.dumps({"class_path": "lightning.pytorch.loggers.CSVLogger",
+                        "init_args": {"save_dir": str(tmp_path / "mine"), "name": "exp"}})
+    run = _fit(image_folder, tmp_path / "runs", "--trainer.max_epochs", "1", "--trainer.logger", extra)
+    for name in ("metrics.csv", "test_metrics.json", "curves.png"):
+        assert (run / name).exists(), name
+    assert list((tmp_path / "mine" / "exp").glob("version_*/metrics.csv"))  # the added logger got the metrics too

@@ -233,3 +233,17 @@ def test_bad_early_crop_is_a_config_error(image_folder, augment, message):
 
     with pytest.raises(ConfigError, match=message):
         _dm(image_folder, augment=AugmentConfig(**augment))
+
+
+def test_progress_bars_show_on_a_terminal_only(monkeypatch, capsys):
+    import io
+
+    from cifarlab.progress import progress
+
+    assert list(progress(range(5), "work")) == [0, 1, 2, 3, 4]
+    assert "work" not in capsys.readouterr().err  # pytest's stderr is not a terminal: no bar in logs
+    tty = io.StringIO()
+    tty.isatty = lambda: True
+    monkeypatch.setattr("sys.stderr", tty)
+    assert list(progress(range(3), "decoding x")) == [0, 1, 2]
+    assert "decoding x" in tty.getvalue() and "/3 [" in tty.getvalue()  # the bar, with its total

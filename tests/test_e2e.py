@@ -51,3 +51,33 @@ def test_the_main_job_in_small_a_budget_on_real_cifar10(cifar10_jpeg, tmp_path, 
     assert metrics["num_images"] == 10_000
     assert metrics["test_acc"] > 0.35, metrics["test_acc"]  # chance is 0.10; ~75% where bf16 is native
     assert seconds < 1.25 * 120, seconds  # a gross overrun fails; benchmarks/budget.py measures the fit
+
+
+def test_ddp_run_on_real_cifar10_stopped_by_sigterm_resumes_and_finishes(cifar10_jpeg, tmp_path):
+    """Two gloo processes on the real data (the smoke recipe, 20 batches an epoch), SIGTERM to the launching process
+    mid-epoch, then the same command with --ckpt_path last: it continues from the saved step and finishes."""
+    import signal
+    import sys
+
+    import torch
+    from test_ddp import LIMIT_S, _Run, _slow
+
+    runs, marker = tmp_path / "runs", tmp_path / "marker"
+    args = [sys.executable, "-m", "cifarlab.cli", "fit", "--config", "configs/smoke.yaml", "--data.root",
+            str(cifar10_jpeg), "--run.dir", str(runs), "--trainer.accelerator", "cpu", "--trainer.strategy", "ddp",
+            "--trainer.devices", "2", "--trainer.max_epochs", "2"]
+    run = _Run([*args, _slow("train", marker, step=25)], tmp_path / "stderr.txt")
+    run.wait_for(marker)
+    run.proc.send_signal(signal.SIGTERM)
+    code, seconds = run.finish()
+    assert code == 143 and seconds < 60, run.stderr()[-3000:]
+    ckpt = runs / "smoke" / "version_0" / "checkpoints" / "last.ckpt"
+    stopped_at = torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"]
+    assert 25 <= stopped_at < 40, stopped_at
+
+    resumed = _Run([*args, "--ckpt_path", "last"], tmp_path / "resume.txt")
+    code, _ = resumed.finish(limit=LIMIT_S * 2)
+    assert code == 0, resumed.stderr()[-3000:]
+    assert torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"] == 40  # 2 epochs x 20 batches
+    metrics = json.loads((runs / "smoke" / "version_0" / "test_metrics.json").read_text())
+    assert metrics["num_images"] == 1280  # smoke.yaml: 10 test batches of 64 on each of the two ranks

@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import make_image_folder
 from PIL import Image
 
 from cifarlab.cli import main
@@ -169,3 +170,48 @@ def test_report_writes_html_and_pngs(smoke_run, tmp_path):
     html = (tmp_path / "rep" / "index.html").read_text()
     for png in ("confusion_matrix.png", "curves.png"):
         assert (tmp_path / "rep" / png).exists() and png in html
+
+
+def test_predict_takes_folders_and_globs_in_batches_with_the_recipes_tta(tmp_path, capsys):
+    """predict, the app and the report answer with the recipe's TTA: the probabilities fit's test saved."""
+    from cifarlab.data import CIFARDataModule
+    from cifarlab.inference import classify
+
+    root = make_image_folder(tmp_path / "data", n_train=16, n_test=4)
+    main(["fit", "--config", "fast", "--data.root", str(root), "--run.dir", str(tmp_path / "runs"),
+          "--trainer.max_epochs", "1", "--trainer.precision", "32-true", "--data.batch_size", "16",
+          "--data.eval_batch_size", "5", "--trainer.enable_progress_bar", "false"])
+    run = tmp_path / "runs" / "fast" / "version_0"
+    ckpt = next((run / "checkpoints").glob("epoch*.ckpt"))
+    model = load_classifier(ckpt)
+    assert model.hparams.tta_level == 2
+    dm = CIFARDataModule(root=str(root), val_size=0)
+    dm.setup("test")
+    x, _ = dm.test_set.batch(range(len(dm.test_set)))
+    np.testing.assert_allclose(classify(model, x).numpy(), np.load(run / "test_predictions.npz")["probs"],
+                               atol=1e-5)  # the same answer as fit's test
+    with torch.no_grad():
+        assert not torch.allclose(model(x), model.tta_logits(x), atol=1e-3)  # ... which is not the plain forward
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main(["predict", str(root / "test" / "cat"), str(root / "test" / "dog" / "*.png"), str(root / "nothing*"),
+              "--ckpt", str(ckpt), "--top_k", "2", "--batch_size", "3", "--device", "cpu"])
+    assert exit_.value.code == 1  # the glob that matched nothing
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert lines[0] == {"image": str(root / "nothing*"), "error": "no such file, or no image in that folder or glob"}
+    assert [line["image"] for line in lines[1:]] == sorted(str(p) for p in (root / "test" / "cat").iterdir()) + \
+        sorted(str(p) for p in (root / "test" / "dog").glob("*.png"))
+    for line in lines[1:]:
+        expected = classify(model, model_input(decode_upload(line["image"])))[0]  # one image alone
+        assert [t["class"] for t in line["top_k"]] == [model.class_names[i] for i in expected.topk(2).indices]
+        assert [t["prob"] for t in line["top_k"]] == pytest.approx(expected.topk(2).values.tolist(), abs=1e-4)
+
+
+def test_predict_with_an_unknown_device_is_one_line(smoke_run, capsys):
+    root, _, ckpt = smoke_run
+    with pytest.raises(SystemExit) as exit_:
+        main(["predict", str(root / "test"), "--ckpt", str(ckpt), "--device", "tpu7"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("cifarlab: error: --device tpu7:")

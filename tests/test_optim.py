@@ -65,3 +65,42 @@ def test_muon_recipe_puts_conv_filters_in_the_muon_group():
 def test_muon_with_cycled_momentum_is_refused():
     with pytest.raises(ConfigError, match="cycle_momentum"):
         ImageClassifier(arch="airbench", optimizer="muon", cycle_momentum=True)
+
+
+def test_whitening_bias_learns_with_the_bn_biases_and_its_lr_decays_to_zero(image_folder):
+    """airbench94_muon: the whitening bias at the BN biases' LR, falling linearly to 0 over its epochs, then frozen."""
+    import lightning as L
+
+    from cifarlab.data import CIFARDataModule
+
+    dm = CIFARDataModule(root=str(image_folder), batch_size=24, eval_batch_size=16, val_size=0)  # 72 images: 3 steps
+    model = ImageClassifier(arch="airbench", optimizer="muon", lr=0.5, bn_lr_scale=64.0, whiten_bias_lr_scale=64.0,
+                            whiten_bias_decay=True, whiten_bias_epochs=2, cycle_momentum=False, pct_start=0.0,
+                            div_factor=1.0, final_div_factor=10.0, class_names=dm.class_names)
+
+    class Record(L.Callback):
+        rows: list = []
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            groups = optimizer.param_groups
+            whiten = next(g for g in groups if g.get("whiten_bias"))
+            bn = groups[-1]
+            self.rows.append((trainer.global_step, whiten["lr"], bn["lr"], pl_module.net.whiten.bias.detach().clone()))
+
+    trainer = L.Trainer(accelerator="cpu", max_epochs=3, logger=False, enable_progress_bar=False,
+                        enable_checkpointing=False, callbacks=[Record()], enable_model_summary=False)
+    trainer.fit(model, dm)
+    rows = Record.rows
+    assert [r[0] for r in rows] == list(range(9))
+    for step, whiten_lr, bn_lr, _ in rows[:6]:
+        assert whiten_lr == pytest.approx(bn_lr * (1 - step / 6))  # same peak as the BN biases, 0 at step 6
+    assert 0 < rows[5][1] < rows[1][1] < rows[0][1] == pytest.approx(rows[0][2])
+    assert torch.equal(rows[6][3], rows[8][3]) and torch.equal(rows[8][3], model.net.whiten.bias.detach())  # frozen
+    assert not torch.equal(rows[0][3], rows[5][3])  # ... after it had trained
+    whiten = next(g for g in model.param_groups() if g.get("whiten_bias"))
+    assert whiten["params"] == [model.net.whiten.bias] and whiten["weight_decay"] == pytest.approx(1e-4 / 64)
+
+
+def test_whitening_bias_stays_with_the_head_by_default():
+    groups = ImageClassifier(arch="airbench", optimizer="sgd").param_groups()
+    assert len(groups) == 2 and not any(g.get("whiten_bias") for g in groups)  # older checkpoints' layout

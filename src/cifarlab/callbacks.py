@@ -85,6 +85,10 @@ class InterruptCheckpoint(L.Callback):
         fitting = trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking  # validation included
         if not isinstance(exception, (KeyboardInterrupt, SIGTERMException)) or not fitting:
             return
+        if isinstance(exception, KeyboardInterrupt) and trainer.world_size > 1:
+            # Raised at a different line on each rank (a second Ctrl-C): a collective save could never meet.
+            rank_zero_info("stopped at once: last.ckpt not saved (the last saved checkpoints are intact)")
+            return
         folder = next((c.dirpath for c in trainer.checkpoint_callbacks
                        if isinstance(c, ModelCheckpoint) and c.dirpath), None)
         if folder is None:

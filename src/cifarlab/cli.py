@@ -18,9 +18,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import ctypes
-import ctypes.util
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -39,8 +38,11 @@ from cifarlab.budget import budget_callback, process_start_time
 from cifarlab.callbacks import EpochSpeed, InterruptCheckpoint, RNGState, TestReport
 from cifarlab.data import CIFARDataModule
 from cifarlab.errors import CifarlabError
+from cifarlab.memory import tune_malloc
 from cifarlab.module import ImageClassifier
 from cifarlab.precision import choose_precision
+from cifarlab.recipes import resolve_config_args
+from cifarlab.signals import StopOnSignal, peer_failure, received_signal
 
 
 class OneLineErrorParser(LightningArgumentParser):
@@ -63,7 +65,8 @@ class CifarLabCLI(LightningCLI):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("trainer_defaults", {
             "callbacks": [LearningRateMonitor(logging_interval="step"), ModelSummary(max_depth=3),
-                          EpochSpeed(), TestReport(), last_checkpoint(), InterruptCheckpoint(), RNGState()],
+                          EpochSpeed(), TestReport(), last_checkpoint(), InterruptCheckpoint(), RNGState(),
+                          StopOnSignal()],
         })
         kwargs.setdefault("parser_class", OneLineErrorParser)
         kwargs.setdefault("parser_kwargs", {"description": __doc__,
@@ -111,6 +114,13 @@ class CifarLabCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        root_dir = config["trainer"].get("default_root_dir")
+        if root_dir is not None:
+            # Where every Lightning user puts a run: it is cifarlab's --run.dir (runs go to <dir>/<run.name>/).
+            if config["run"]["dir"] not in ("runs", root_dir):
+                raise CifarlabError(f"--trainer.default_root_dir {root_dir} and --run.dir {config['run']['dir']} "
+                                    "both say where the run goes: pass one of them")
+            config["run"]["dir"] = root_dir
         if config["trainer"].get("precision") is None:
             # Recipes leave precision to the machine: bf16 where it is native, fp32 on CPUs that only emulate it.
             choice = choose_precision(config["trainer"].get("accelerator"))
@@ -165,7 +175,7 @@ class CifarLabCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs):
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
         logger = config["trainer"].get("logger")
-        if self.subcommand in ("fit", "validate", "test", "predict") and logger in (None, True):
+        if self.subcommand in ("fit", "validate", "test", "predict") and logger is not False:
             # TensorBoard and CSV logs, checkpoints, config and report share one run directory.
             root, name = Path(config["run"]["dir"]), config["run"]["name"]
             resume = getattr(self, "_resume_version", None) if self.subcommand == "fit" else None
@@ -174,8 +184,11 @@ class CifarLabCLI(LightningCLI):
                 version = int(os.environ[RUN_VERSION_ENV])  # a DDP worker launched by rank 0: its folder
             os.environ[RUN_VERSION_ENV] = str(version)  # inherited by the DDP workers Lightning starts later
             check_writable(root / name)  # now, not when the first checkpoint is due
+            # Loggers the user adds (W&B, MLflow, ...) come after these: the run directory (the first logger's),
+            # metrics.csv, curves.png and --ckpt_path last keep working.
+            extra = [] if logger in (None, True) else list(logger) if isinstance(logger, (list, tuple)) else [logger]
             kwargs["logger"] = [TensorBoardLogger(root, name=name, version=version, default_hp_metric=False),
-                                KeepingCSVLogger(root, name=name, version=version)]
+                                KeepingCSVLogger(root, name=name, version=version), *extra]
         elif self.subcommand is None:
             kwargs.setdefault("logger", False)  # stats / lr-find: no run directory
         trainer = super().instantiate_trainer(**kwargs)
@@ -246,28 +259,6 @@ def next_version(folder: Path) -> int:
     """The first unused ``version_<n>`` number under ``folder``."""
     used = [int(p.name.split("_", 1)[1]) for p in folder.glob("version_*") if p.name.split("_", 1)[1].isdigit()]
     return max(used, default=-1) + 1
-
-
-def tune_malloc(server: bool = False) -> None:
-    """glibc settings. Training: keep freed memory instead of returning it to the OS after every step (about 20%
-    faster on CPU; = MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=1e11 MALLOC_TOP_PAD_=1 GiB). A server
-    (``server=True``): two malloc arenas, so the web server's many worker threads do not each grow an arena of
-    their own (measured in benchmarks/app_load.py). A no-op where glibc is not the C library.
-    """
-    libc_name = ctypes.util.find_library("c")
-    if not sys.platform.startswith("linux") or not libc_name:
-        return
-    try:
-        libc = ctypes.CDLL(libc_name)
-        m_trim_threshold, m_top_pad, m_mmap_max, m_arena_max = -1, -2, -4, -8  # from <malloc.h>
-        if server:
-            libc.mallopt(m_arena_max, 2)
-            return
-        libc.mallopt(m_mmap_max, 0)
-        libc.mallopt(m_trim_threshold, 2**31 - 1)
-        libc.mallopt(m_top_pad, 1 << 30)
-    except (OSError, AttributeError):
-        pass  # not glibc (e.g. musl): keep the defaults
 
 
 def _parse_extra(extra: argparse.ArgumentParser, argv: list[str]):
@@ -344,12 +335,23 @@ def _ckpt_parser(prog: str, description: str) -> argparse.ArgumentParser:
     return parser
 
 
+def app_options(argv: list[str]) -> argparse.Namespace:
+    """``cifarlab app``'s options. Gradio's own variables (GRADIO_SERVER_NAME, GRADIO_SERVER_PORT) set the defaults,
+    as for any Gradio app; the flags win over them."""
+    port = os.environ.get("GRADIO_SERVER_PORT", "7860")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise CifarlabError(f"GRADIO_SERVER_PORT={port!r} is not a port number: set it to 1-65535 or unset it")
+    parser = _ckpt_parser("cifarlab app", "Serve the Grad-CAM web app for a checkpoint.")
+    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+                        help="Interface to bind (0.0.0.0 exposes it to the network; default $GRADIO_SERVER_NAME "
+                             "or 127.0.0.1).")
+    parser.add_argument("--port", type=int, default=int(port), help="Port (default $GRADIO_SERVER_PORT or 7860).")
+    return parser.parse_args(argv)
+
+
 def app_main(argv: list[str]) -> None:
     """``cifarlab app``: the Gradio page, on 127.0.0.1 unless asked otherwise."""
-    parser = _ckpt_parser("cifarlab app", "Serve the Grad-CAM web app for a checkpoint.")
-    parser.add_argument("--host", default="127.0.0.1", help="Interface to bind (0.0.0.0 exposes it to the network).")
-    parser.add_argument("--port", type=int, default=7860)
-    opts = parser.parse_args(argv)
+    opts = app_options(argv)
     with _app_extras():
         from cifarlab.app import CifarApp, launch
 
@@ -359,30 +361,71 @@ def app_main(argv: list[str]) -> None:
 
 
 def predict_main(argv: list[str]) -> None:
-    """``cifarlab predict``: top-k classes of image files, one JSON line each."""
+    """``cifarlab predict``: top-k classes of image files, folders and globs, one JSON line each, as they are done."""
     import json
 
     import torch
 
-    from cifarlab.inference import DECODE_MIN_SIZE, ImageError, classify, decode_upload, load_classifier, model_input
+    from cifarlab.inference import (
+        DECODE_MIN_SIZE,
+        ImageError,
+        classify,
+        decode_upload,
+        expand_images,
+        load_classifier,
+        model_input,
+    )
 
-    parser = argparse.ArgumentParser(prog="cifarlab predict", description="Classify image files (JSON lines).")
-    parser.add_argument("images", nargs="+", help="Image files (any size and common format).")
+    parser = argparse.ArgumentParser(prog="cifarlab predict", description="Classify images (JSON lines, with the "
+                                     "recipe's test-time augmentation).")
+    parser.add_argument("images", nargs="+", help="Image files, folders (searched recursively) or globs ('*.jpg').")
     parser.add_argument("--ckpt", required=True, help="A checkpoint written by `cifarlab fit`.")
     parser.add_argument("--top_k", type=int, default=3)
+    parser.add_argument("--batch_size", type=int, default=64, help="Images per forward pass.")
+    parser.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda, cuda:1, mps ...")
     opts = parser.parse_args(argv)
+    if opts.top_k < 1 or opts.batch_size < 1:
+        raise CifarlabError("--top_k and --batch_size take positive integers")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if opts.device == "auto" else opts.device
     model = load_classifier(opts.ckpt)
-    failed = 0
-    for path in opts.images:
+    try:
+        model.to(torch.device(device))
+    except (RuntimeError, AssertionError, ValueError) as err:  # an unknown name, or no such device here
+        raise CifarlabError(f"--device {opts.device}: {str(err).strip().splitlines()[0]}") from None
+    paths, missing = expand_images(opts.images)
+    failed = len(missing)
+    for pattern in missing:
+        print(json.dumps({"image": pattern, "error": "no such file, or no image in that folder or glob"}), flush=True)
+
+    def flush(pending: list[tuple[str, torch.Tensor | str]]) -> None:
+        # One forward pass for the decoded images; every line printed in the order the images were given.
+        decoded = [x for _, x in pending if isinstance(x, torch.Tensor)]
+        top = torch.topk(classify(model, torch.cat(decoded)), min(opts.top_k, len(model.class_names))) \
+            if decoded else None
+        row = 0
+        for path, x in pending:
+            if isinstance(x, str):
+                print(json.dumps({"image": path, "error": x}), flush=True)
+                continue
+            values, indices = top.values[row].tolist(), top.indices[row].tolist()
+            row += 1
+            print(json.dumps({"image": path, "top_k": [{"class": model.class_names[i], "prob": round(float(p), 5)}
+                                                       for p, i in zip(values, indices)]}), flush=True)
+
+    pending: list[tuple[str, torch.Tensor | str]] = []
+    in_batch = 0
+    for path in paths:
         try:
-            probs = classify(model, model_input(decode_upload(path, min_size=DECODE_MIN_SIZE)))[0]
+            pending.append((path, model_input(decode_upload(path, min_size=DECODE_MIN_SIZE))))
+            in_batch += 1
         except (ImageError, OSError) as err:
             failed += 1
-            print(json.dumps({"image": path, "error": str(err)}), flush=True)
-            continue
-        top = torch.topk(probs, min(opts.top_k, len(probs)))
-        print(json.dumps({"image": path, "top_k": [{"class": model.class_names[i], "prob": round(float(p), 5)}
-                                                   for p, i in zip(top.values.tolist(), top.indices.tolist())]}))
+            pending.append((path, str(err)))
+        if in_batch == opts.batch_size:
+            flush(pending)
+            pending, in_batch = [], 0
+    if pending:
+        flush(pending)
     if failed:
         raise SystemExit(1)
 
@@ -439,13 +482,15 @@ def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", message=".*Total length of `list` across ranks is zero.*")
     # Dataclass fields (AugmentConfig) are documented by the string under each: show it in --help.
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
-    if argv and argv[0] == "app":
+    command = argv[0] if argv else None
+    if command == "app":
         tune_malloc(server=True)
-    else:
+    elif command not in ("predict", "report", "export"):  # training and data work (fit, validate, test, lr-find, stats)
         tune_malloc()
     commands = {"stats": stats_main, "lr-find": lr_find_main, "lr_find": lr_find_main, "app": app_main,
                 "predict": predict_main, "report": report_main, "export": export_main}
     try:
+        argv = resolve_config_args(argv)  # `--config fast` is the packaged recipe
         if argv and argv[0] in commands:
             commands[argv[0]](argv[1:])
         else:
@@ -456,9 +501,16 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("cifarlab: interrupted", file=sys.stderr)
         raise SystemExit(130) from None
-    except SIGTERMException:  # Lightning stopped the run at a batch boundary (after saving last.ckpt)
-        print("cifarlab: stopped by SIGTERM", file=sys.stderr)
-        raise SystemExit(143) from None
+    except SIGTERMException:  # every rank stopped at the same batch boundary (after saving last.ckpt when fitting)
+        signum = received_signal() or signal.SIGTERM
+        print(f"cifarlab: stopped by {signal.Signals(signum).name}", file=sys.stderr)
+        raise SystemExit(128 + signum) from None
+    except Exception as err:
+        failure = peer_failure(err)
+        if failure is None:
+            raise
+        print(f"cifarlab: error: {failure}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

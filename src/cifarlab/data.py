@@ -26,6 +26,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from cifarlab.errors import ConfigError, DataError
+from cifarlab.progress import progress
 from cifarlab.stats import cached_channel_stats
 from cifarlab.transforms import IMAGE_SIZE, MIN_CROP, AugmentConfig, BatchAugment, albumentations_pipeline, pil_to_uint8
 
@@ -133,7 +134,7 @@ def load_folder_split(root: Path, split: str, classes: list[str], cache_dir: Pat
             _report_skipped(skipped, root, skip_corrupt)
             return Split(z["images"], z["labels"], [str(c) for c in z["classes"]], key)
     images, labels, skipped = [], [], []
-    for path, label in files:
+    for path, label in progress(files, f"decoding {root / split} (once, then cached)"):
         try:
             images.append(decode_image(path))
         except DataError:

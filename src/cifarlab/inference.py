@@ -17,6 +17,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from cifarlab.errors import CifarlabError
+from cifarlab.progress import progress
 from cifarlab.transforms import pil_to_uint8
 
 MAX_IMAGE_PIXELS = 40_000_000  # refuse larger images before decoding (a 12 MP phone photo is 12.2 M pixels)
@@ -197,8 +198,35 @@ def model_input(image: np.ndarray) -> torch.Tensor:
 
 @torch.no_grad()
 def classify(model, x: torch.Tensor) -> torch.Tensor:
-    """Class probabilities ``(B, K)`` for uint8 images ``(B, 3, 32, 32)``, in eval mode."""
-    return model.eval()(x.to(model.device)).float().softmax(1).cpu()
+    """Class probabilities ``(B, K)`` for uint8 images ``(B, 3, 32, 32)``, in eval mode, with the recipe's test-time
+    augmentation: the answer ``cifarlab fit``'s test gave (``test_predictions.npz``), in predict, the app and the
+    report alike."""
+    return model.eval().tta_logits(x.to(model.device)).float().softmax(1).cpu()
+
+
+def expand_images(patterns: list[str]) -> tuple[list[str], list[str]]:
+    """Image paths from files, folders (recursively, image extensions only) and globs, in the order given (sorted
+    within a folder or glob); and the arguments that matched nothing."""
+    import glob
+
+    from cifarlab.data import IMG_EXTENSIONS
+
+    found, missing = [], []
+    for pattern in patterns:
+        path = Path(pattern).expanduser()
+        if path.is_dir():
+            hits = sorted(str(p) for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS)
+        elif path.exists():
+            hits = [str(path)]  # a file is tried whatever its name: a bad one gets its own error line
+        elif glob.has_magic(pattern):
+            hits = sorted(p for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+        else:
+            hits = []
+        if hits:
+            found += hits
+        else:
+            missing.append(pattern)
+    return found, missing
 
 
 # ---------------------------------------------------------------------------------------------- test set
@@ -235,7 +263,8 @@ def predict_test_set(model, ckpt_path: str | Path, datamodule, batch_size: int =
     images, labels = test.images, test.labels.numpy()
     ckpt_path = Path(ckpt_path).resolve()
     run_file = ckpt_path.parent.parent / "test_predictions.npz"
-    cache_file = datamodule.cache_dir / f"predictions-{checkpoint_key(ckpt_path)}-{len(labels)}.npz"
+    tta = model.hparams.get("tta_level", 0)  # in the name: files from before TTA was applied here are not reused
+    cache_file = datamodule.cache_dir / f"predictions-tta{tta}-{checkpoint_key(ckpt_path)}-{len(labels)}.npz"
     for candidate in (run_file, cache_file):
         if candidate.exists():
             with np.load(candidate, allow_pickle=False) as z:
@@ -243,7 +272,8 @@ def predict_test_set(model, ckpt_path: str | Path, datamodule, batch_size: int =
                 if (candidate == cache_file or same_ckpt) and np.array_equal(z["labels"], labels):
                     return Predictions(images, labels, z["probs"].astype(np.float32), list(model.class_names))
     probs = []
-    for start in range(0, len(labels), batch_size):
+    starts = range(0, len(labels), batch_size)
+    for start in progress(starts, f"predicting {len(labels)} test images (once per checkpoint)", unit="batch"):
         x, _ = test.batch(range(start, min(start + batch_size, len(labels))))
         probs.append(classify(model, x).numpy())
     probs = np.concatenate(probs)

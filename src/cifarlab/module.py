@@ -47,6 +47,10 @@ class ImageClassifier(L.LightningModule):
             LR x decay stays the same (airbench: 64, with frozen BN scales, i.e. for the BN biases).
         tta_level: test-time augmentation at test time: 0 none, 1 + mirror, 2 + mirror of 1-px translations.
         whiten_bias_epochs: epochs during which a whitening conv's bias trains, then it is frozen (airbench: 3).
+        whiten_bias_lr_scale: LR multiplier for a whitening conv's bias, its weight decay divided by it as for
+            ``bn_lr_scale`` (airbench94: 1, with the head; airbench94_muon: 64, with the BN biases).
+        whiten_bias_decay: the whitening bias's LR falls linearly from its scheduled value to 0 at the end of
+            epoch ``whiten_bias_epochs`` instead of stopping there abruptly (airbench94_muon).
         muon_lr: peak learning rate of the Muon-trained filters (their update is orthogonalised, so this is a
             step size relative to the normalised weights, independent of the loss scale; airbench: 0.24).
         muon_momentum: momentum of the Muon-trained filters (airbench: 0.6).
@@ -77,6 +81,8 @@ class ImageClassifier(L.LightningModule):
         bn_lr_scale: float = 1.0,
         tta_level: int = 0,
         whiten_bias_epochs: int = 3,
+        whiten_bias_lr_scale: float = 1.0,
+        whiten_bias_decay: bool = False,
         muon_lr: float = 0.24,
         muon_momentum: float = 0.6,
         muon_ns_steps: int = 3,
@@ -117,6 +123,19 @@ class ImageClassifier(L.LightningModule):
     def on_train_epoch_start(self) -> None:
         if hasattr(self.net, "whiten") and self.net.whiten.bias is not None:
             self.net.whiten.bias.requires_grad_(self.current_epoch < self.hparams.whiten_bias_epochs)
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        if self.hparams.whiten_bias_decay and self.current_epoch < self.hparams.whiten_bias_epochs:
+            # The scheduler sets each group's LR from scratch every step, so scaling its last value cannot compound.
+            opt = self.optimizers(use_pl_optimizer=False)
+            found = [i for i, g in enumerate(opt.param_groups) if g.get("whiten_bias")]
+            if not found:
+                return
+            i, sched = found[0], self.lr_schedulers()
+            peak = self.hparams.lr * self.hparams.whiten_bias_lr_scale
+            scheduled = sched.get_last_lr()[i] if sched is not None else peak
+            span = self.hparams.whiten_bias_epochs * self.trainer.num_training_batches  # optimizer steps
+            opt.param_groups[i]["lr"] = scheduled * max(0.0, 1 - self.global_step / span)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 pixels ``(B, 3, H, W)`` -> logits ``(B, num_classes)``."""
@@ -177,7 +196,8 @@ class ImageClassifier(L.LightningModule):
 
     def param_groups(self) -> list[dict]:
         """Trainable parameters: BatchNorm's at ``lr * bn_lr_scale`` (decay / scale), the rest at ``lr``; with
-        ``optimizer=muon``, conv filters in a group of their own at ``muon_lr``, ``muon_momentum``."""
+        ``optimizer=muon``, conv filters in a group of their own at ``muon_lr``, ``muon_momentum``; a whitening
+        bias in a group of its own (``whiten_bias=True``) when its LR differs from ``lr`` or decays early."""
         hp = self.hparams
         bn_ids = {id(p) for m in self.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
                   for p in m.parameters()}
@@ -187,6 +207,14 @@ class ImageClassifier(L.LightningModule):
         bn = [p for p in params if id(p) in bn_ids]
         other = [p for p in params if id(p) not in bn_ids]
         groups = []
+        whiten = getattr(self.net, "whiten", None)
+        whiten_bias = getattr(whiten, "bias", None)
+        if whiten_bias is not None and (hp.whiten_bias_lr_scale != 1 or hp.whiten_bias_decay):
+            # Only then: checkpoints of recipes without these options keep their optimizer's group layout.
+            other = [p for p in other if p is not whiten_bias]
+            scale = hp.whiten_bias_lr_scale
+            groups.append({"params": [whiten_bias], "lr": hp.lr * scale, "weight_decay": hp.weight_decay / scale,
+                           "whiten_bias": True})
         if hp.optimizer == "muon":
             filters = [p for p in other if p.ndim == 4]
             other = [p for p in other if p.ndim != 4]
