@@ -39,12 +39,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True)
     parser.add_argument("--repeats", type=int, default=50)
-    parser.add_argument("--layer", default="layer3 (4x4)")
+    parser.add_argument("--layer", default=None, help="a CAM layer as the app lists it (default: the deepest)")
     parser.add_argument("--method", default="Grad-CAM")
     opts = parser.parse_args()
     torch.set_num_threads(torch.get_num_threads())
     app = CifarApp(opts.ckpt, data_root=None)
     app.test = None  # latency only: no test set needed
+    if opts.layer is None:
+        opts.layer = next(iter(app.layers))  # deepest first, whatever the network
+    if opts.layer not in app.layers:
+        raise SystemExit(f"--layer {opts.layer!r}: this checkpoint's layers are {', '.join(app.layers)}")
     layer = app.layers[opts.layer]
     print(f"threads: {torch.get_num_threads()}, checkpoint: {opts.ckpt}, CAM: {opts.method} on {opts.layer}")
     for name, size in (("32x32", (32, 32)), ("4032x3024", (4032, 3024))):
