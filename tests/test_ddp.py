@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import csv
 import json
 import os
 import signal
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import make_image_folder
+from run_helpers import lr_by_step
 
 from cifarlab.data import CIFARDataModule
 from cifarlab.inference import load_classifier
@@ -144,16 +144,6 @@ def _progress(ckpt: Path) -> int:
     return torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"]
 
 
-def _lr_by_step(run: Path) -> dict[int, tuple]:
-    out = {}
-    with open(run / "metrics.csv", newline="") as f:
-        for row in csv.DictReader(f):
-            lrs = tuple(float(row[k]) for k in sorted(row) if k.startswith("lr-") and row[k])
-            if lrs:
-                out[int(row["step"])] = lrs
-    return out
-
-
 @pytest.fixture(scope="module")
 def ddp_data(tmp_path_factory):
     return make_image_folder(tmp_path_factory.mktemp("ddp") / "data", n_train=32)
@@ -211,7 +201,7 @@ def test_ddp_stop_saves_last_ckpt_and_stops_every_rank(ddp_data, ddp_uninterrupt
         assert code == 0, resumed.stderr()[-3000:]
         run_dir = runs / "smoke" / "version_0"
         assert _progress(run_dir / "checkpoints" / "last.ckpt") == TOTAL
-        got, want = _lr_by_step(run_dir), _lr_by_step(ddp_uninterrupted)
+        got, want = lr_by_step(run_dir), lr_by_step(ddp_uninterrupted)
         assert sorted(got) == sorted(want) == list(range(TOTAL))
         for s in want:
             assert got[s] == pytest.approx(want[s], rel=1e-9), f"step {s}"

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import make_image_folder
+from run_helpers import lr_by_step
 
 from cifarlab.cli import main
 
@@ -29,17 +30,6 @@ def _args(root: Path, runs: Path, *extra: str) -> list[str]:
     return ["fit", "--config", SMOKE, "--data.root", str(root), "--run.dir", str(runs),
             "--trainer.precision", "32-true", "--trainer.max_epochs", str(EPOCHS), "--trainer.log_every_n_steps", "1",
             "--data.batch_size", "8", "--data.val_size", "12", *extra]
-
-
-def _lr_by_step(run: Path) -> dict[int, tuple]:
-    """``{global step: (lr of each param group)}`` from the run's metrics.csv (the last row of a step wins)."""
-    out = {}
-    with open(run / "metrics.csv", newline="") as f:
-        for row in csv.DictReader(f):
-            lrs = tuple(float(row[k]) for k in sorted(row) if k.startswith("lr-") and row[k])
-            if lrs:
-                out[int(row["step"])] = lrs
-    return out
 
 
 def _ckpt_progress(path: Path) -> tuple[int, int]:
@@ -83,7 +73,7 @@ def test_interrupted_run_resumes_with_same_steps_and_lr_schedule(resume_data, un
     epoch, step = _ckpt_progress(run / "checkpoints" / "last.ckpt")
     assert 14 <= step < EPOCHS * STEPS_PER_EPOCH and step % STEPS_PER_EPOCH != 0, "not saved mid-epoch"
     assert epoch == step // STEPS_PER_EPOCH
-    before = _lr_by_step(run)
+    before = lr_by_step(run)
     assert max(before) == step - 1  # the LR of every step taken before the signal is on disk
 
     main(_args(resume_data, runs, "--ckpt_path", "last"))
@@ -91,7 +81,7 @@ def test_interrupted_run_resumes_with_same_steps_and_lr_schedule(resume_data, un
     assert not (runs / "smoke" / "version_1").exists(), "a resumed run continues in its own folder"
     assert _ckpt_progress(run / "checkpoints" / "last.ckpt") == \
         _ckpt_progress(uninterrupted / "checkpoints" / "last.ckpt") == (EPOCHS - 1, EPOCHS * STEPS_PER_EPOCH)
-    resumed, reference = _lr_by_step(run), _lr_by_step(uninterrupted)
+    resumed, reference = lr_by_step(run), lr_by_step(uninterrupted)
     # OneCycle continued from its state: every step's LR is the uninterrupted run's (it did not restart at the peak
     # or the warm-up), and the logs from before the interruption are still there.
     assert sorted(resumed) == sorted(reference) == list(range(len(reference)))
