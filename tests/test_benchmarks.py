@@ -52,6 +52,21 @@ def test_app_latency_and_faithfulness(smoke_run):
     assert "| 2 |" in out and "Final test" in out
 
 
+def test_app_latency_over_http(smoke_run):
+    _, _, ckpt = smoke_run
+    out = _run("benchmarks/app_latency.py", "--ckpt", ckpt, "--repeats", "2", "--http")
+    for row in ("in-process handler", "REST API, keep-alive", "gradio_client, panels downloaded",
+                "gradio_client, download_files=False", "a function returning its input", "kept-alive connection"):
+        assert row in out
+
+
+def test_audit_speed_reports_each_step_and_the_findings(smoke_run):
+    root, _, ckpt = smoke_run
+    out = _run("benchmarks/audit_speed.py", "--ckpt", ckpt, "--data.root", root)
+    assert "2-D map, t-SNE" in out and "near-duplicate search" in out
+    assert "cleanlab flags" in out and "de-duplicated test set" in out
+
+
 @pytest.mark.parametrize("recipe", sorted(set(packaged_recipes()) - {"smoke"}))  # smoke: tested everywhere
 def test_every_recipe_trains(recipe, image_folder, tmp_path):
     from cifarlab.cli import main

@@ -1,8 +1,9 @@
 """The page in a real browser: Playwright drives Debian's Chromium against the app on 127.0.0.1.
 
 CI installs Chromium (`apt-get install -y chromium`) and runs this test; elsewhere it is skipped when
-/usr/bin/chromium is missing. Set CIFARLAB_SCREENSHOT=PATH to keep the screenshot, and CIFARLAB_APP_CKPT /
-CIFARLAB_APP_DATA to shoot the page of a real checkpoint instead of the tiny synthetic one.
+/usr/bin/chromium is missing. Set CIFARLAB_SCREENSHOT=PATH to keep the screenshot, CIFARLAB_SCREENSHOT_DIR=DIR to
+keep one of each data tab, and CIFARLAB_APP_CKPT / CIFARLAB_APP_DATA / CIFARLAB_APP_COMPARE to shoot the page of
+real checkpoints instead of the tiny synthetic ones.
 """
 
 import os
@@ -27,19 +28,24 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
 def page_url(smoke_run):
     from cifarlab.app import CifarApp, launch
 
-    root, _, ckpt = smoke_run
+    root, run, ckpt = smoke_run
     ckpt = os.environ.get("CIFARLAB_APP_CKPT", ckpt)
     root = os.environ.get("CIFARLAB_APP_DATA", root)
-    demo = launch(CifarApp(ckpt, str(root)), "127.0.0.1", None, block=False)
+    other = os.environ.get("CIFARLAB_APP_COMPARE", run / "checkpoints" / "last.ckpt")
+    demo = launch(CifarApp(ckpt, str(root), compare=other), "127.0.0.1", None, block=False)
     yield demo.local_url, Path(root)
     demo.close()
 
 
-def test_upload_classify_and_screenshot(page_url, tmp_path):
+def need_chromium():
     if not Path(CHROMIUM).exists():
         if os.environ.get("CI"):
             pytest.fail(f"Chromium not found at {CHROMIUM}: CI must install it (apt-get install -y chromium)")
         pytest.skip("Chromium is not installed (apt-get install -y chromium)")
+
+
+def test_upload_classify_and_screenshot(page_url, tmp_path):
+    need_chromium()
     from playwright.sync_api import sync_playwright
 
     url, root = page_url
@@ -63,5 +69,51 @@ def test_upload_classify_and_screenshot(page_url, tmp_path):
         browser.close()
     assert "%" in label_text
     assert shot.stat().st_size > 20_000
+    hosts = {urlparse(u).hostname for u in requested if urlparse(u).scheme in ("http", "https", "ws", "wss")}
+    assert hosts == {"127.0.0.1"}, f"the page requested other hosts: {hosts - {'127.0.0.1'}}"
+
+
+def test_data_tabs_answer_clicks_in_a_browser(page_url, tmp_path):
+    """Likely mislabeled, Near-duplicates, Embedding map (a click on the map) and Compare, as a person uses them."""
+    need_chromium()
+    from playwright.sync_api import sync_playwright
+
+    url, _ = page_url
+    shots = Path(os.environ.get("CIFARLAB_SCREENSHOT_DIR", tmp_path))
+    shots.mkdir(parents=True, exist_ok=True)
+    requested = []
+
+    def summary_says(page, elem_id, pattern):
+        page.wait_for_function(f"() => /{pattern}/.test(document.querySelector('#{elem_id}')?.innerText || '')",
+                               timeout=120_000)
+        page.wait_for_timeout(700)  # let the gallery's images paint
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1100})
+        page.on("request", lambda request: requested.append(request.url))
+        page.goto(url)
+
+        def show(tab, prefix, pattern, shot):
+            page.get_by_role("tab", name=tab).click()
+            page.click(f"#{prefix}-show")
+            summary_says(page, f"{prefix}-summary", pattern)
+            page.screenshot(path=str(shots / shot), full_page=True)
+
+        show("Likely mislabeled", "label-issues", "cleanlab flags", "app_mislabeled.png")
+        show("Near-duplicates", "duplicates", "de-duplicated test set", "app_duplicates.png")
+        page.get_by_role("tab", name="Embedding map").click()
+        image = page.locator("#embedding-map img")
+        image.wait_for(timeout=60_000)
+        box = image.bounding_box()
+        page.mouse.click(box["x"] + box["width"] * 0.5, box["y"] + box["height"] * 0.5)
+        summary_says(page, "embedding-summary", "nearest to")
+        page.screenshot(path=str(shots / "app_embedding.png"), full_page=True)
+        show("Compare", "compare", "only A is right", "app_compare.png")
+        texts = {i: page.inner_text(f"#{i}") for i in ("label-issues-summary", "duplicates-summary",
+                                                        "embedding-summary", "compare-summary")}
+        browser.close()
+    assert "test images" in texts["label-issues-summary"]
+    assert "mistakes" in texts["embedding-summary"]
     hosts = {urlparse(u).hostname for u in requested if urlparse(u).scheme in ("http", "https", "ws", "wss")}
     assert hosts == {"127.0.0.1"}, f"the page requested other hosts: {hosts - {'127.0.0.1'}}"

@@ -254,3 +254,81 @@ def test_an_added_logger_keeps_the_run_directory_and_its_files(image_folder, tmp
     for name in ("metrics.csv", "test_metrics.json", "curves.png"):
         assert (run / name).exists(), name
     assert list((tmp_path / "mine" / "exp").glob("version_*/metrics.csv"))  # the added logger got the metrics too
+
+
+def test_confusion_matrix_and_mistakes_go_to_tensorboard(image_folder, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    # An untrained model (LR ~0) gets many test images wrong: the mistakes grid has something to show.
+    main(["fit", "--config", str(SMOKE), "--data.root", str(image_folder), "--run.dir", str(tmp_path),
+          "--model.lr", "1e-9", "--trainer.limit_train_batches", "1"])
+    run = tmp_path / "smoke" / "version_0"
+    assert json.loads((run / "test_metrics.json").read_text())["test_acc"] < 1
+    images, texts = {}, set()
+    for events in run.glob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(events), size_guidance={"images": 0, "tensors": 0})
+        acc.Reload()
+        images |= {tag: acc.Images(tag)[-1] for tag in acc.Tags()["images"]}
+        texts |= set(acc.Tags()["tensors"])
+    assert {"test/confusion_matrix", "test/mistakes"} <= set(images)
+    assert all(im.width > 100 and im.height > 100 for im in images.values())  # figures, not 32x32 thumbnails
+    assert any(tag.startswith("test/mistakes") for tag in texts)  # the captions as text too
+
+
+def test_a_failing_tensorboard_writer_only_warns(image_folder, tmp_path, monkeypatch):
+    from torch.utils.tensorboard import SummaryWriter
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(SummaryWriter, "add_image", broken)
+    with pytest.warns(UserWarning, match="not logged to TensorBoard"):
+        main(["fit", "--config", str(SMOKE), "--data.root", str(image_folder), "--run.dir", str(tmp_path),
+              "--trainer.limit_train_batches", "1"])
+    run = tmp_path / "smoke" / "version_0"
+    for name in ("test_metrics.json", "confusion_matrix.png", "curves.png"):
+        assert (run / name).exists(), name
+
+
+@pytest.mark.parametrize("command", ["app", "report", "predict", "export"])
+def test_checkpoint_commands_take_config_files_and_print_them(command, tmp_path, capsys):
+    import yaml
+
+    cfg = tmp_path / "opts.yaml"
+    cfg.write_text("ckpt: /models/a.ckpt\n" + ("data:\n  root: /data/x\n" if command in ("app", "report") else ""))
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--config", str(cfg), "--print_config"])
+    assert exit_.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["ckpt"] == "/models/a.ckpt"
+    if command in ("app", "report"):
+        assert printed["data"]["root"] == "/data/x"
+    # A flag after the file wins; the printed YAML is itself a valid --config.
+    again = tmp_path / "again.yaml"
+    again.write_text(yaml.safe_dump(printed))
+    with pytest.raises(SystemExit):
+        main([command, "--config", str(again), "--ckpt", "/models/b.ckpt", "--print_config"])
+    assert yaml.safe_load(capsys.readouterr().out)["ckpt"] == "/models/b.ckpt"
+
+
+def test_a_fit_recipe_as_config_gives_the_app_its_data_root(tmp_path, capsys):
+    import yaml
+
+    run_config = tmp_path / "config.yaml"  # what a run writes: every fit section, data.root among them
+    run_config.write_text(yaml.safe_dump({"seed_everything": 0, "trainer": {"max_epochs": 3},
+                                          "model": {"arch": "airbench"}, "data": {"root": "/data/y",
+                                                                                  "batch_size": 512}}))
+    with pytest.raises(SystemExit) as exit_:
+        main(["app", "--config", str(run_config), "--ckpt", "/m.ckpt", "--print_config"])
+    assert exit_.value.code == 0
+    assert yaml.safe_load(capsys.readouterr().out)["data"]["root"] == "/data/y"
+
+
+def test_an_unknown_option_in_a_config_file_is_one_line(tmp_path, capsys):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("ckpt: a.ckpt\nport_number: 80\n")
+    with pytest.raises(SystemExit) as exit_:
+        main(["app", "--config", str(cfg)])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown option 'port_number'" in err[0] and "port" in err[0]

@@ -2,7 +2,8 @@
 
     cifarlab app --ckpt runs/seed/version_0/checkpoints/last.ckpt [--data.root DIR] [--host 127.0.0.1] [--port 7860]
 
-Named API endpoints (see the README): ``/classify``, ``/mistakes``, ``/correct``.
+Named API endpoints (see the README): ``/classify``, ``/mistakes``, ``/correct``, ``/label_issues``,
+``/near_duplicates``, ``/embedding_near`` and, with ``--compare``, ``/compare``.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ import torch  # noqa: E402
 from gradio.utils import get_upload_folder  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from cifarlab import audit  # noqa: E402
 from cifarlab import cam as cams  # noqa: E402
+from cifarlab.errors import CifarlabError  # noqa: E402
 from cifarlab.inference import (  # noqa: E402
     DECODE_MIN_SIZE,
     MAX_IMAGE_BYTES,
@@ -37,7 +40,8 @@ from cifarlab.inference import (  # noqa: E402
     model_input,
     predict_test_set,
 )
-from cifarlab.report import plot_confusion  # noqa: E402
+from cifarlab.report import plot_confusion, plot_embedding  # noqa: E402
+from cifarlab.runs import Run  # noqa: E402
 
 PANEL = 224  # pixels: side of each image panel (the 32x32 input upscaled 7x)
 THUMB = 128  # pixels: gallery thumbnails
@@ -45,6 +49,8 @@ THUMB = 128  # pixels: gallery thumbnails
 # files stay bounded; Gradio prunes them (its `delete_cache`) once per this period too.
 GRADIO_CACHE_AGE = 3600
 ANY = "any"
+MAP_PIXELS = 760  # side of the embedding map's PNG; a click's pixel coordinates are divided by it
+COMPARE_CHOICES = ("A right, B wrong", "B right, A wrong")
 # System fonts: the default theme fetches Google Fonts, and the page must request nothing off this machine.
 THEME = gr.themes.Soft(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
 
@@ -75,19 +81,32 @@ def raw_upload(component: gr.Image) -> gr.Image:
 class CifarApp:
     """The model and the test-set predictions behind the page; every handler of the page is a method here."""
 
-    def __init__(self, ckpt_path: str | Path, data_root: str | None = None, source: str = "auto"):
+    def __init__(self, ckpt_path: str | Path, data_root: str | None = None, source: str = "auto",
+                 compare: str | Path | None = None, projection: str = "tsne"):
         self.ckpt_path = Path(ckpt_path)
         self.model = load_classifier(self.ckpt_path)
         self.classes = list(self.model.class_names)
         self.layers = cams.target_layers(self.model.net)
+        # The other checkpoint of `--compare`: checked before any slow work, so a wrong pair fails at once.
+        self.other = load_classifier(compare) if compare else None
+        self.other_path = Path(compare) if compare else None
+        if self.other is not None and list(self.other.class_names) != self.classes:
+            raise CifarlabError(f"--compare {compare} classifies {', '.join(self.other.class_names)}, but --ckpt "
+                                f"{ckpt_path} classifies {', '.join(self.classes)}: compare checkpoints trained on "
+                                "the same classes")
         # The test set: the given root, else the training data if it is at hand (else the page only classifies).
-        dm = eval_datamodule(self.model, data_root, source, required=data_root is not None)
+        dm = eval_datamodule(self.model, data_root, source, required=data_root is not None or compare is not None)
         self.test: Predictions | None = predict_test_set(self.model, self.ckpt_path, dm) if dm else None
-        self.run_dir = self.ckpt_path.resolve().parent.parent
+        self.audit = audit.DataAudit.build(self.model, self.ckpt_path, self.test, dm, projection) if dm else None
+        self.other_test = predict_test_set(self.other, self.other_path, dm) if self.other is not None else None
+        self.other_layers = cams.target_layers(self.other.net) if self.other is not None else {}
+        self.run = Run.of_checkpoint(self.ckpt_path)
+        self.run_dir = self.run.dir
         self._files = tempfile.TemporaryDirectory(prefix="cifarlab-app-")
         # _png's files live in Gradio's own cache: served from there without a copy, and pruned with it.
         self._panels = Path(get_upload_folder()) / "cifarlab"
         self._panels.mkdir(parents=True, exist_ok=True)
+        self._map_extent: dict[str, tuple[float, float, float, float]] = {}  # per colouring: (x0, x1, y0, y1)
 
     # ------------------------------------------------------------------ classify
     def classify_image(self, image, top_k: int = 3, opacity: float = 0.5, layer: str | None = None,
@@ -176,6 +195,7 @@ class CifarApp:
             caption = (f"true {self.classes[t.labels[i]]} | pred {self.classes[t.preds[i]]} "
                        f"{t.confidence[i]:.0%} | CAM drop {cam_drop[j]:+.2f} vs random {random_drop[j]:+.2f}")
             items.append((self._png(over[j]), caption))
+        layer = layer if layer in self.layers else next(iter(self.layers))
         summary = (f"{len(idx)} {kind} in {len(t.labels)} test images (showing {len(shown)}); CAM = "
                    f"{method} on {layer}. Mean confidence drop with the CAM's top 20% removed "
                    f"{cam_drop.mean():.3f}, with 20% random pixels removed {random_drop.mean():.3f}.")
@@ -210,13 +230,183 @@ class CifarApp:
         kind = "correct" if true_cls == pred_cls else "mistakes"
         return self.gallery(kind, true_cls, pred_cls, count, opacity, layer, method)
 
-    def training_files(self) -> dict[str, Path | None]:
-        def found(*paths):
-            return next((p for p in paths if p.is_file()), None)
+    # ------------------------------------------------------------------ data audit
+    def _need_audit(self) -> audit.DataAudit:
+        if self.audit is None:
+            raise gr.Error("No test set: start the app with --data.root DIR to audit the data.")
+        return self.audit
 
-        return {"curves": found(self.run_dir / "curves.png"),
-                "lr_find": found(self.run_dir.parent / "lr_find" / "lr_find.png", self.run_dir / "lr_find.png"),
-                "config": found(self.run_dir / "config.yaml")}
+    def _layer(self, layers: dict, layer: str | None):
+        return layers[layer] if layer in layers else next(iter(layers.values()))
+
+    def label_issue_gallery(self, split: str = "test", given_cls: str = ANY, count: int = 12,
+                            opacity: float = 0.5, layer: str | None = None, method: str = "Grad-CAM"):
+        """cleanlab's likely label errors of ``split`` (test, or train after ``cifarlab audit``), most likely first:
+        items ``(image | CAM of the given label | CAM of the suggested label, caption)`` and a summary."""
+        a = self._need_audit()
+        if split not in ("test", "train"):
+            raise gr.Error(f"unknown split {split!r}: choose test or train")
+        if split not in a.issues:
+            raise gr.Error("No training-set audit yet: run `cifarlab audit --config RECIPE --folds 2 --data.root "
+                           "DIR`, then start the app again.")
+        issues = a.issues[split]
+        t = self._need_test()
+        images, labels = (t.images, t.labels) if split == "test" else (a.train_images, a.train_labels)
+        probs = t.probs if split == "test" else a.train_probs
+        idx = issues.flagged
+        if given_cls not in (ANY, None, ""):
+            idx = idx[labels[idx] == self.classes.index(given_cls)]
+        shown = idx[: int(count)]
+        items = []
+        if len(shown):
+            x = torch.from_numpy(images[shown]).permute(0, 3, 1, 2).contiguous()
+            target = self._layer(self.layers, layer)
+            given = cams.compute_cams(self.model, x, target, method, labels[shown].tolist())
+            suggested = cams.compute_cams(self.model, x, target, method, issues.suggested[shown].tolist())
+            for j, i in enumerate(shown):
+                panel = audit.side_by_side([cams.upscale(images[i], THUMB),
+                                            cams.overlay(images[i], given[j], opacity, THUMB),
+                                            cams.overlay(images[i], suggested[j], opacity, THUMB)])
+                s = issues.suggested[i]
+                caption = (f"{split} #{i}: given {self.classes[labels[i]]} ({probs[i, labels[i]]:.0%}) -> suggested "
+                           f"{self.classes[s]} ({probs[i, s]:.0%}) | label quality {issues.quality[i]:.3f}")
+                items.append((self._png(panel), caption))
+        n = len(labels)
+        summary = (f"cleanlab flags **{len(issues.flagged)}** of {n} {split} images ({len(issues.flagged) / n:.1%}) "
+                   f"as likely mislabeled (showing {len(shown)} of {len(idx)} for this filter). ")
+        if split == "test":
+            keep = np.ones(n, bool)
+            keep[issues.flagged] = False
+            summary += (f"Test accuracy {audit.accuracy(t.preds, t.labels):.2%} on all images, "
+                        f"{audit.accuracy(t.preds, t.labels, keep):.2%} without the flagged ones. ")
+        else:
+            summary += f"Out-of-sample probabilities from {a.train_source}. "
+        layer = layer if layer in self.layers else next(iter(self.layers))
+        summary += (f"Panels: the image, then {method} on {layer} for the given label, then for the suggested one "
+                    "(this checkpoint's CAMs).")
+        return items, summary
+
+    def duplicate_gallery(self, threshold: float = audit.DUPLICATE_SIMILARITY, count: int = 12):
+        """Test images with a near-duplicate in the training set (most similar first): items
+        ``(test image | training image, caption)`` and a summary with the de-duplicated test accuracy."""
+        a = self._need_audit()
+        t = self._need_test()
+        dups = a.duplicates(float(threshold))
+        shown = dups[: int(count)]
+        items = []
+        for i in shown:
+            j = a.emb.nearest[i]
+            panel = audit.side_by_side([cams.upscale(t.images[i], THUMB), cams.upscale(a.train_images[j], THUMB)])
+            same = "" if t.labels[i] == a.train_labels[j] else " | LABELS DIFFER"
+            caption = (f"test #{i} {self.classes[t.labels[i]]} (pred {self.classes[t.preds[i]]}) | train #{j} "
+                       f"{self.classes[a.train_labels[j]]} | similarity {a.emb.similarity[i]:.3f}{same}")
+            items.append((self._png(panel), caption))
+        n = len(t.labels)
+        keep = np.ones(n, bool)
+        keep[dups] = False
+        deduplicated = audit.accuracy(t.preds, t.labels, keep)
+        summary = (f"**{len(dups)}** of {n} test images ({len(dups) / n:.1%}) have a training image with similarity "
+                   f">= {float(threshold):.2f} (showing {len(shown)}). Test accuracy "
+                   f"{audit.accuracy(t.preds, t.labels):.2%} on all images, **{deduplicated:.2%}** on the "
+                   f"de-duplicated test set ({int(keep.sum())} images)")
+        if len(dups):
+            summary += f", {audit.accuracy(t.preds, t.labels, ~keep):.2%} on the duplicates themselves"
+        summary += (". Similarity: pixel correlation with the closest of the 5 training images nearest in the "
+                    "network's features.")
+        return items, summary
+
+    def embedding_map(self, color_by: str = "true class") -> str:
+        """The test set's 2-D map as a PNG path, coloured by true or predicted class, mistakes ringed."""
+        a = self._need_audit()
+        t = self._need_test()
+        key = "pred" if color_by.startswith("pred") else "true"
+        path = Path(self._files.name) / f"map-{key}.png"
+        if key not in self._map_extent:
+            fd, part = tempfile.mkstemp(dir=self._files.name, suffix=".png")
+            os.close(fd)
+            labels = t.preds if key == "pred" else t.labels
+            self._map_extent[key] = plot_embedding(a.emb.map2d, labels, self.classes, t.preds != t.labels,
+                                                   Path(part), title=f"colour: {key} class",
+                                                   pixels=MAP_PIXELS)
+            os.replace(part, path)
+        return str(path)
+
+    def embedding_near(self, x: float, y: float, count: int = 12, opacity: float = 0.5, layer: str | None = None,
+                       method: str = "Grad-CAM"):
+        """The ``count`` test images nearest to the point ``(x, y)`` of the map image, as fractions of its width and
+        height from the top-left corner (a click): gallery items with CAMs and a summary of that region."""
+        a = self._need_audit()
+        t = self._need_test()
+        if not (0 <= float(x) <= 1 and 0 <= float(y) <= 1):
+            raise gr.Error("x and y are fractions of the map's width and height, between 0 and 1")
+        self.embedding_map()
+        x0, x1, y0, y1 = self._map_extent["true"]
+        point = np.array([x0 + float(x) * (x1 - x0), y1 - float(y) * (y1 - y0)])
+        shown = np.argsort(((a.emb.map2d - point) ** 2).sum(1), kind="stable")[: int(count)]
+        xb = torch.from_numpy(t.images[shown]).permute(0, 3, 1, 2).contiguous()
+        maps = cams.compute_cams(self.model, xb, self._layer(self.layers, layer), method, t.preds[shown].tolist())
+        items = []
+        for j, i in enumerate(shown):
+            mark = "" if t.preds[i] == t.labels[i] else " | WRONG"
+            caption = (f"#{i} true {self.classes[t.labels[i]]} | pred {self.classes[t.preds[i]]} "
+                       f"{t.confidence[i]:.0%}{mark}")
+            items.append((self._png(cams.overlay(t.images[i], maps[j], opacity, THUMB)), caption))
+        true_counts = np.bincount(t.labels[shown], minlength=len(self.classes))
+        mix = ", ".join(f"{self.classes[c]} {true_counts[c]}" for c in np.argsort(-true_counts) if true_counts[c])
+        wrong = int((t.preds[shown] != t.labels[shown]).sum())
+        summary = (f"The {len(shown)} test images nearest to ({point[0]:.1f}, {point[1]:.1f}) on the map: {wrong} "
+                   f"mistakes; true classes there: {mix}.")
+        return items, summary
+
+    def map_click(self, evt: gr.SelectData, count: int, opacity: float, layer: str, method: str):
+        """A click on the map image (pixel coordinates of the PNG) -> ``embedding_near``."""
+        px, py = evt.index
+        return self.embedding_near(px / MAP_PIXELS, py / MAP_PIXELS, count, opacity, layer, method)
+
+    def _need_other(self) -> Predictions:
+        if self.other_test is None:
+            raise gr.Error("No second checkpoint: start the app with --compare OTHER.ckpt to compare two runs.")
+        return self.other_test
+
+    def compare_table(self) -> list[list]:
+        """Per-class accuracy of both checkpoints and B - A, in points."""
+        t, o = self._need_test(), self._need_other()
+        c = audit.compare_runs(t.probs, o.probs, t.labels, self.classes, list(self.other.class_names))
+        rows = [[name, f"{a:.1%}", f"{b:.1%}", f"{100 * (b - a):+.1f}"]
+                for name, a, b in zip(self.classes, c.per_class_a, c.per_class_b)]
+        return [*rows, ["all", f"{c.acc_a:.2%}", f"{c.acc_b:.2%}", f"{100 * (c.acc_b - c.acc_a):+.2f}"]]
+
+    def compare_gallery(self, which: str = "A right, B wrong", count: int = 12, opacity: float = 0.5,
+                        layer: str | None = None, method: str = "Grad-CAM"):
+        """Test images that one checkpoint gets right and the other wrong: items ``(image | A's CAM | B's CAM,
+        caption)``, each CAM for that checkpoint's own prediction, and a summary."""
+        t, o = self._need_test(), self._need_other()
+        c = audit.compare_runs(t.probs, o.probs, t.labels, self.classes, list(self.other.class_names))
+        if which not in COMPARE_CHOICES:
+            raise gr.Error(f"choose one of {', '.join(COMPARE_CHOICES)}")
+        idx = c.only_a if which == COMPARE_CHOICES[0] else c.only_b
+        shown = idx[: int(count)]
+        items = []
+        if len(shown):
+            x = torch.from_numpy(t.images[shown]).permute(0, 3, 1, 2).contiguous()
+            cam_a = cams.compute_cams(self.model, x, self._layer(self.layers, layer), method, t.preds[shown].tolist())
+            cam_b = cams.compute_cams(self.other, x, self._layer(self.other_layers, layer), method,
+                                      o.preds[shown].tolist())
+            for j, i in enumerate(shown):
+                panel = audit.side_by_side([cams.upscale(t.images[i], THUMB),
+                                            cams.overlay(t.images[i], cam_a[j], opacity, THUMB),
+                                            cams.overlay(t.images[i], cam_b[j], opacity, THUMB)])
+                caption = (f"#{i} true {self.classes[t.labels[i]]} | A: {self.classes[t.preds[i]]} "
+                           f"{t.confidence[i]:.0%} | B: {self.classes[o.preds[i]]} {o.confidence[i]:.0%}")
+                items.append((self._png(panel), caption))
+        summary = (f"A `{self.ckpt_path}` {c.acc_a:.2%}, B `{self.other_path}` {c.acc_b:.2%}: only A is right on "
+                   f"**{len(c.only_a)}** test images, only B on **{len(c.only_b)}** (showing {len(shown)} of {which}, "
+                   "the other checkpoint's surest wrong answers first). Panels: the image, A's CAM, B's CAM.")
+        return items, summary
+
+    def training_files(self) -> dict[str, Path | None]:
+        return {"curves": self.run.file("curves.png"), "lr_find": self.run.lr_find_plot,
+                "config": self.run.file("config.yaml")}
 
     def example_files(self, per_class: int = 1) -> list[str]:
         """A few test images saved as PNG for the page's examples (one per class)."""
@@ -243,7 +433,8 @@ def faithfulness_text(cam_drop: float, random_drop: float, cls: str) -> str:
 
 
 def build_app(app: CifarApp) -> gr.Blocks:
-    """The page: Classify, Mistakes, Correct, Confusion matrix and Training tabs."""
+    """The page: Classify, Mistakes, Correct, Confusion matrix, Likely mislabeled, Near-duplicates, Embedding map,
+    Compare (with a second checkpoint) and Training tabs."""
     layer_names = list(app.layers)
     methods = list(cams.CAM_METHODS)
     class_choices = [ANY, *app.classes]
@@ -306,6 +497,74 @@ def build_app(app: CifarApp) -> gr.Blocks:
                           api_visibility="private")
             if app.test is not None:
                 demo.load(app.confusion_outputs, None, [cm_image, per_class, matrix], api_visibility="private")
+
+        with gr.Tab("Likely mislabeled"):
+            gr.Markdown("Images whose given label cleanlab finds likely wrong, from out-of-sample probabilities "
+                        "(the test set always; the training set after `cifarlab audit`).")
+            with gr.Row():
+                # `train` is always offered: without `cifarlab audit` choosing it says what to run.
+                li_split = gr.Dropdown(["test", "train"], value="test", label="Split")
+                li_cls = gr.Dropdown(class_choices, value=ANY, label="Given label")
+                li_count = gr.Slider(1, 64, value=12, step=1, label="Images")
+                li_show = gr.Button("Show", variant="primary", elem_id="label-issues-show")
+            li_summary = gr.Markdown(elem_id="label-issues-summary")
+            # Wide panels: "contain" shows all three (the default "cover" crops them to squares).
+            li_gallery = gr.Gallery(label="image | CAM of the given label | CAM of the suggested label", columns=3,
+                                    height="auto", format="png", object_fit="contain")
+            li_show.click(app.label_issue_gallery, [li_split, li_cls, li_count, opacity, layer, method],
+                          [li_gallery, li_summary], api_name="label_issues")
+
+        with gr.Tab("Near-duplicates"):
+            gr.Markdown("Test images with a near-copy in the training set: they inflate test accuracy.")
+            with gr.Row():
+                dup_threshold = gr.Slider(0.0, 1.0, value=audit.DUPLICATE_SIMILARITY, step=0.01,
+                                          label="Similarity threshold")
+                dup_count = gr.Slider(1, 64, value=12, step=1, label="Pairs")
+                dup_show = gr.Button("Show", variant="primary", elem_id="duplicates-show")
+            dup_summary = gr.Markdown(elem_id="duplicates-summary")
+            dup_gallery = gr.Gallery(label="test image | training image", columns=4, height="auto", format="png",
+                                     object_fit="contain")
+            dup_show.click(app.duplicate_gallery, [dup_threshold, dup_count], [dup_gallery, dup_summary],
+                           api_name="near_duplicates")
+
+        with gr.Tab("Embedding map"):
+            gr.Markdown("The test set's penultimate features in 2-D; mistakes are ringed. Click the map to see the "
+                        "images there with their prediction and CAM.")
+            with gr.Row():
+                color_by = gr.Radio(["true class", "predicted class"], value="true class", label="Colour by")
+                map_count = gr.Slider(1, 64, value=12, step=1, label="Images near a click")
+            with gr.Row():
+                map_image = gr.Image(label="Embedding map (click a point)", type="filepath", interactive=False,
+                                     elem_id="embedding-map", height=MAP_PIXELS)
+                with gr.Column():
+                    map_summary = gr.Markdown(elem_id="embedding-summary")
+                    map_gallery = gr.Gallery(columns=4, height="auto", format="png")
+            map_image.select(app.map_click, [map_count, opacity, layer, method], [map_gallery, map_summary],
+                             api_visibility="private")
+            near_x = gr.Number(value=0.5, visible=False)
+            near_y = gr.Number(value=0.5, visible=False)
+            gr.Button(visible=False).click(app.embedding_near, [near_x, near_y, map_count, opacity, layer, method],
+                                           [map_gallery, map_summary], api_name="embedding_near")
+            color_by.change(app.embedding_map, [color_by], [map_image], api_visibility="private")
+            if app.audit is not None:
+                demo.load(app.embedding_map, [color_by], [map_image], api_visibility="private")
+
+        if app.other is not None:
+            with gr.Tab("Compare"):
+                gr.Markdown(f"A = `{app.ckpt_path}`, B = `{app.other_path}`: per-class accuracy, and the test "
+                            "images one gets right and the other wrong, with both CAMs.")
+                cmp_table = gr.Dataframe(headers=["class", "A", "B", "B - A (points)"], interactive=False,
+                                         label="Per-class accuracy")
+                with gr.Row():
+                    cmp_which = gr.Radio(list(COMPARE_CHOICES), value=COMPARE_CHOICES[0], label="Show")
+                    cmp_count = gr.Slider(1, 64, value=12, step=1, label="Images")
+                    cmp_show = gr.Button("Show", variant="primary", elem_id="compare-show")
+                cmp_summary = gr.Markdown(elem_id="compare-summary")
+                cmp_gallery = gr.Gallery(label="image | A's CAM | B's CAM", columns=3, height="auto", format="png",
+                                         object_fit="contain")
+                cmp_show.click(app.compare_gallery, [cmp_which, cmp_count, opacity, layer, method],
+                               [cmp_gallery, cmp_summary], api_name="compare")
+                demo.load(app.compare_table, None, [cmp_table], api_visibility="private")
 
         with gr.Tab("Training"):
             files = app.training_files()

@@ -28,11 +28,11 @@ from lightning.pytorch.utilities import rank_zero_only
 from cifarlab.errors import ConfigError
 
 SAFETY = 0.97  # plan to end at 97% of the budget: the probe's error is a few percent either way
-STEP_OVERHEAD = 1.05  # a step inside Lightning's loop (logging, metrics, Lookahead) vs the probe's bare step:
-                      # 880-940 img/s against the probe's 955 (docs/benchmarks.md, "Time budget")
+STEP_OVERHEAD = 1.05  # a step inside Lightning's loop (logging, metrics, Lookahead) / the probe's bare step
+                      # (docs/benchmarks.md, "Time budget: `cifarlab fit --budget B`")
 REPLAN_FROM = 3  # steps: the pace is measured from here (the first steps build kernels and caches) ...
 REPLAN_AT = 0.15  # ... to this share of the planned steps, then the plan is corrected once
-EPOCH_OVERHEAD_S = 0.3  # per epoch: checkpoint writes, loggers, data loader start (measured ~0.1-0.3 s on CPU)
+EPOCH_OVERHEAD_S = 0.3  # seconds per epoch: checkpoint writes, loggers, data loader start
 END_OVERHEAD_S = 4.0  # after the test: report plots, process exit
 
 
@@ -137,7 +137,7 @@ def probe_speed(trainer: L.Trainer, module, datamodule, steps: int = 2) -> Speed
         return x.to(device), torch.randint(0, num_classes, (n,), generator=gen).to(device)
 
     def per_sample_seconds() -> float:
-        # The albumentations back end prepares every batch image by image, on the same two cores as training.
+        # The albumentations back end prepares every batch image by image, on the same cores as training.
         train_set = datamodule.train_set
         if train_set.transform is None:
             return 0.0

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from cifarlab import report
@@ -21,7 +21,10 @@ from cifarlab import report
 
 class TestReport(L.Callback):
     """After ``test``: ``test_metrics.json``, ``test_predictions.npz``, ``confusion_matrix.png`` and ``curves.png``
-    in the run directory."""
+    in the run directory; with a TensorBoard logger, the confusion matrix (``test/confusion_matrix``) and the most
+    confidently wrong test images (``test/mistakes``) in TensorBoard's Images tab too."""
+
+    mistakes_shown = 32  # images in the TensorBoard mistakes grid
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Both are collective under DDP (a metric sync, a broadcast of the folder): every rank takes part.
@@ -37,16 +40,63 @@ class TestReport(L.Callback):
         metrics["ckpt_path"] = trainer.ckpt_path
         report.write_json(metrics, out / "test_metrics.json")
         probs = getattr(pl_module, "test_probs", None)
-        if probs and trainer.world_size == 1 and getattr(dm, "test_set", None) is not None:
-            # The app and `cifarlab report` reuse these instead of running the test set again.
-            report.save_predictions(out / "test_predictions.npz", torch.cat(probs).numpy(),
-                                    dm.test_set.labels.numpy(), classes, trainer.ckpt_path or "")
+        # (N, K) for the test set in order (its first N images under limit_test_batches); under DDP each rank
+        # holds only its share
+        probs = torch.cat(probs).numpy() if probs and trainer.world_size == 1 and getattr(dm, "test_set", None) \
+            is not None else None
+        if probs is not None and len(probs) == len(dm.test_set):
+            # The app and `cifarlab report` reuse these instead of running the test set again (only a whole test
+            # set: --trainer.limit_test_batches tests part of it).
+            report.save_predictions(out / "test_predictions.npz", probs, dm.test_set.labels.numpy(), classes,
+                                    trainer.ckpt_path or "")
         report.plot_confusion(confmat, classes, out / "confusion_matrix.png")
+        self._to_tensorboard(trainer, out, classes, probs)
         csv_file = out / "metrics.csv"
         if csv_file.exists():
             report.plot_curves(csv_file, out / "curves.png")
         rank_zero_info(f"test accuracy: {metrics['test_acc']:.4f} on {metrics['num_images']} images "
                        f"-> {out / 'test_metrics.json'}")
+
+    def _to_tensorboard(self, trainer: L.Trainer, out: Path, classes: list[str], probs) -> None:
+        """The confusion matrix and a captioned grid of the most confidently wrong test images, as images of the
+        TensorBoard logger (if there is one) at the run's last step. A failure here is a warning: the files above
+        are the report, TensorBoard a copy."""
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        board = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+        if board is None:
+            return
+        try:
+            self._add_images(board.experiment, trainer, out, classes, probs)
+        except Exception as err:  # e.g. a TensorBoard writer without add_image, a full disk
+            rank_zero_warn(f"the test confusion matrix and mistakes were not logged to TensorBoard: {err!r}")
+
+    def _add_images(self, writer, trainer: L.Trainer, out: Path, classes: list[str], probs) -> None:
+        import tempfile
+
+        from PIL import Image
+
+        def add_png(tag: str, path: Path) -> None:
+            pixels = np.asarray(Image.open(path).convert("RGB"))  # (H, W, 3) uint8
+            writer.add_image(tag, pixels, trainer.global_step, dataformats="HWC")
+
+        add_png("test/confusion_matrix", out / "confusion_matrix.png")
+        if probs is not None:
+            test = trainer.datamodule.test_set
+            # The test loader is in order; --trainer.limit_test_batches tests only the first len(probs) images.
+            labels, preds, confidence = test.labels.numpy()[: len(probs)], probs.argmax(1), probs.max(1)
+            wrong = np.flatnonzero(preds != labels)
+            wrong = wrong[np.argsort(-confidence[wrong], kind="stable")][: self.mistakes_shown]
+            if len(wrong):
+                captions = [f"{classes[labels[i]]} -> {classes[preds[i]]} {confidence[i]:.0%}" for i in wrong]
+                with tempfile.TemporaryDirectory() as tmp:
+                    grid = Path(tmp) / "mistakes.png"
+                    report.save_image_grid(test.images[wrong], captions, grid,
+                                           title="Most confidently wrong test images (true -> predicted, confidence)")
+                    add_png("test/mistakes", grid)
+                writer.add_text("test/mistakes", "\n".join(f"- image {i}: {c}" for i, c in zip(wrong, captions)),
+                                trainer.global_step)
+        writer.flush()
 
 
 class EpochSpeed(L.Callback):

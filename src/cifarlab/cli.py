@@ -8,6 +8,7 @@
   cifarlab predict  IMAGE... --ckpt PATH [--top_k 3]         top-k classes as JSON lines
   cifarlab report   --ckpt PATH [--data.root DIR] [--out DIR]  HTML report with curves, confusion, mistakes
   cifarlab export   --ckpt PATH --format onnx [--out FILE]    a model for onnxruntime (preprocessing inside)
+  cifarlab audit    --config RECIPE --folds K [fit flags]     K-fold out-of-sample probabilities of the training set
 
 fit/validate/test are LightningCLI's: every typed ``__init__`` argument of ``ImageClassifier``,
 ``CIFARDataModule`` and ``Trainer`` is a flag (``--model.lr``, ``--data.batch_size``, ``--trainer.max_epochs``).
@@ -21,7 +22,6 @@ import csv
 import os
 import signal
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -42,6 +42,7 @@ from cifarlab.memory import tune_malloc
 from cifarlab.module import ImageClassifier
 from cifarlab.precision import choose_precision
 from cifarlab.recipes import resolve_config_args
+from cifarlab.runs import LAST, Run, check_writable, latest_checkpoint, lr_find_dir, next_version
 from cifarlab.signals import StopOnSignal, peer_failure, received_signal
 
 
@@ -144,7 +145,7 @@ class CifarLabCLI(LightningCLI):
                                     "start the run without --ckpt_path (or pass the --run.dir/--run.name it used)")
             config["ckpt_path"] = str(found)
             if self.subcommand == "fit":
-                self._resume_version = int(found.parent.parent.name.split("_", 1)[1])  # log into the same run
+                self._resume_version = Run(found.parent.parent).version  # log into the same run
         elif ckpt and ckpt not in ("best", "hpc", "registry") and not Path(ckpt).expanduser().is_file():
             raise CifarlabError(f"--ckpt_path {ckpt} not found: pass a .ckpt written by `cifarlab fit`, or 'last'")
         self._budget = budget_callback(config, self.subcommand, _COMMAND_START or time.time())
@@ -205,7 +206,6 @@ class CifarLabCLI(LightningCLI):
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None)
 
 
-LAST = "last"
 CKPT_NAME = "epoch{epoch:02d}-val_acc{val_acc:.4f}"  # the best checkpoint's name, when chosen on val_acc
 _COMMAND_START: float | None = None  # when this command started (time.time()), for --budget
 RUN_VERSION_ENV = "CIFARLAB_RUN_VERSION"
@@ -215,23 +215,6 @@ def last_checkpoint() -> ModelCheckpoint:
     """Writes ``last.ckpt`` after every epoch. (Lightning 2.6's ``save_last=True`` only refreshes it when a
     top-k checkpoint is saved, so a run whose best epoch is not its final one would have a stale "last".)"""
     return ModelCheckpoint(filename=LAST, monitor=None, save_top_k=1, enable_version_counter=False)
-
-
-def latest_checkpoint(run_root: Path) -> Path | None:
-    """The newest ``version_*/checkpoints/last.ckpt`` under ``run_root`` (written every epoch and on interruption)."""
-    found = [p for p in run_root.glob(f"version_*/checkpoints/{LAST}.ckpt") if p.parent.parent.name[8:].isdigit()]
-    return max(found, key=lambda p: p.stat().st_mtime_ns, default=None)
-
-
-def check_writable(folder: Path) -> None:
-    """Create ``folder`` and write a file in it, or raise a one-line error naming it."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as err:
-        raise CifarlabError(f"cannot write the run directory {folder} ({err.strerror or err}): "
-                            "pass --run.dir to a writable folder with free space") from None
 
 
 class _KeepingWriter(ExperimentWriter):
@@ -253,12 +236,6 @@ class KeepingCSVLogger(CSVLogger):
             self._fs.makedirs(self.root_dir, exist_ok=True)
             self._experiment = _KeepingWriter(log_dir=self.log_dir)
         return self._experiment
-
-
-def next_version(folder: Path) -> int:
-    """The first unused ``version_<n>`` number under ``folder``."""
-    used = [int(p.name.split("_", 1)[1]) for p in folder.glob("version_*") if p.name.split("_", 1)[1].isdigit()]
-    return max(used, default=-1) + 1
 
 
 def _parse_extra(extra: argparse.ArgumentParser, argv: list[str]):
@@ -309,7 +286,7 @@ def lr_find_main(argv: list[str]) -> None:
     extra.add_argument("--out", default=None, help="Output folder (default <run.dir>/<run.name>/lr_find).")
     opts, rest = _parse_extra(extra, argv)
     cli = CifarLabCLI(args=rest, run=False, save_config_callback=None)  # the sweep is no run: no config.yaml
-    out = Path(opts.out or Path(cli.config["run"]["dir"]) / cli.config["run"]["name"] / "lr_find")
+    out = Path(opts.out or lr_find_dir(cli.config["run"]["dir"], cli.config["run"]["name"]))
     result = lr_range_test(cli.trainer, cli.model, cli.datamodule, out, opts.min_lr, opts.max_lr, opts.num_iter)
     print(f"suggested max LR: {result['lr']:.4g}  (plot: {result['plot']})")
     print(f"train with it:    cifarlab fit {' '.join(rest)} --model.lr {result['lr']:.4g}")
@@ -324,6 +301,70 @@ def _app_extras():
     except ImportError as err:
         raise CifarlabError(f"this command needs the app extras ({err.name} is missing): pip install -e '.[app]'") \
             from None
+
+
+# Sections of a `fit` configuration that the checkpoint commands have no use for: a recipe or a run's config.yaml
+# passed to `app`/`report`/`predict`/`export --config` contributes its data.root / data.source and nothing else.
+FIT_SECTIONS = {"seed_everything", "trainer", "model", "checkpoint", "run", "budget", "ckpt_path", "optimizer",
+                "lr_scheduler", "data"}
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    """``{"data": {"root": "x"}}`` -> ``{"data.root": "x"}``."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def parse_with_config(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """``parser.parse_args(argv)`` with ``fit``'s two habits: ``--config FILE`` (YAML of the same options, nested
+    by their dots; later files, then flags, win) and ``--print_config`` (the options as such a YAML file, then exit).
+    """
+    import yaml
+
+    parser.add_argument("--config", action="append", default=[], metavar="FILE",
+                        help="YAML file of these options, e.g. `ckpt: PATH` and `data: {root: DIR}` (a fit recipe or "
+                             "a run's config.yaml works too: its data.root is taken). Flags given after it win.")
+    parser.add_argument("--print_config", action="store_true", help="Print the options as YAML and exit.")
+    options = {opt.lstrip("-"): action for opt, action in parser._option_string_actions.items()
+               if opt.startswith("--") and action.dest not in ("help", "config", "print_config")}
+    files = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "--config"]
+    files += [arg.split("=", 1)[1] for arg in argv if arg.startswith("--config=")]
+    for name in files:
+        path = Path(name).expanduser()
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except OSError as err:
+            raise CifarlabError(f"--config {name}: cannot read it ({err.strerror or err})") from None
+        except yaml.YAMLError as err:
+            raise CifarlabError(f"--config {name} is not valid YAML ({str(err).splitlines()[0]})") from None
+        if not isinstance(tree, dict):
+            raise CifarlabError(f"--config {name} must be a YAML mapping of options (e.g. `ckpt: PATH`)")
+        for key, value in _flatten(tree).items():
+            action = options.get(key)
+            if action is None:
+                if key.split(".")[0] in FIT_SECTIONS:
+                    continue  # a fit recipe's setting: not this command's
+                raise CifarlabError(f"--config {name}: unknown option {key!r}; {parser.prog} takes "
+                                    f"{', '.join(sorted(options))}")
+            parser.set_defaults(**{action.dest: value})
+            action.required = False  # given by the file
+    opts = parser.parse_args(argv)
+    if opts.print_config:
+        tree: dict = {}
+        for key, action in sorted(options.items()):
+            node = tree
+            *parents, leaf = key.split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = getattr(opts, action.dest)
+        print(yaml.safe_dump(tree, sort_keys=False), end="")
+        raise SystemExit(0)
+    return opts
 
 
 def _ckpt_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -346,7 +387,12 @@ def app_options(argv: list[str]) -> argparse.Namespace:
                         help="Interface to bind (0.0.0.0 exposes it to the network; default $GRADIO_SERVER_NAME "
                              "or 127.0.0.1).")
     parser.add_argument("--port", type=int, default=int(port), help="Port (default $GRADIO_SERVER_PORT or 7860).")
-    return parser.parse_args(argv)
+    parser.add_argument("--compare", default=None, metavar="CKPT",
+                        help="A second checkpoint (same classes): adds a Compare tab (per-class accuracy, the images "
+                             "one gets right and the other wrong, both CAMs).")
+    parser.add_argument("--projection", default="tsne", choices=["tsne", "pca"],
+                        help="How the embedding map is drawn (t-SNE: clearer clusters, ~30 s once per checkpoint).")
+    return parse_with_config(parser, argv)
 
 
 def app_main(argv: list[str]) -> None:
@@ -355,7 +401,7 @@ def app_main(argv: list[str]) -> None:
     with _app_extras():
         from cifarlab.app import CifarApp, launch
 
-    app = CifarApp(opts.ckpt, opts.root, opts.source)
+    app = CifarApp(opts.ckpt, opts.root, opts.source, compare=opts.compare, projection=opts.projection)
     print(f"cifarlab app: http://{opts.host}:{opts.port}  (Ctrl-C to stop)")
     launch(app, opts.host, opts.port, block=True)
 
@@ -378,12 +424,15 @@ def predict_main(argv: list[str]) -> None:
 
     parser = argparse.ArgumentParser(prog="cifarlab predict", description="Classify images (JSON lines, with the "
                                      "recipe's test-time augmentation).")
-    parser.add_argument("images", nargs="+", help="Image files, folders (searched recursively) or globs ('*.jpg').")
+    parser.add_argument("images", nargs="*", help="Image files, folders (searched recursively) or globs ('*.jpg').")
     parser.add_argument("--ckpt", required=True, help="A checkpoint written by `cifarlab fit`.")
     parser.add_argument("--top_k", type=int, default=3)
     parser.add_argument("--batch_size", type=int, default=64, help="Images per forward pass.")
     parser.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda, cuda:1, mps ...")
-    opts = parser.parse_args(argv)
+    opts = parse_with_config(parser, argv)
+    if not opts.images:
+        raise CifarlabError("cifarlab predict needs images: files, folders or globs, e.g. cifarlab predict photo.jpg "
+                            "--ckpt PATH")
     if opts.top_k < 1 or opts.batch_size < 1:
         raise CifarlabError("--top_k and --batch_size take positive integers")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if opts.device == "auto" else opts.device
@@ -435,17 +484,36 @@ def report_main(argv: list[str]) -> None:
     from cifarlab.inference import eval_datamodule, load_classifier, predict_test_set
 
     with _app_extras():
+        import cleanlab  # noqa: F401  (the data audit's label issues)
         import pytorch_grad_cam  # noqa: F401  (write_report draws CAMs)
+    from cifarlab.audit import DUPLICATE_SIMILARITY, DataAudit
     from cifarlab.report import write_report
 
-    parser = _ckpt_parser("cifarlab report", "Write an HTML report (curves, confusion matrix, mistakes + CAMs).")
+    parser = _ckpt_parser("cifarlab report", "Write an HTML report (curves, confusion matrix, mistakes + CAMs, likely "
+                                             "label errors, near-duplicates, embedding map, a second run compared).")
     parser.add_argument("--out", default=None, help="Output folder (default: <run dir>/report).")
-    parser.add_argument("--count", type=int, default=32, help="Most-confidently-wrong images shown.")
-    opts = parser.parse_args(argv)
+    parser.add_argument("--count", type=int, default=32, help="Images shown per section.")
+    parser.add_argument("--compare", default=None, metavar="CKPT", help="A second checkpoint to compare with.")
+    parser.add_argument("--dup_threshold", type=float, default=DUPLICATE_SIMILARITY,
+                        help="Similarity from which a test image counts as a near-duplicate of a training image.")
+    parser.add_argument("--projection", default="tsne", choices=["tsne", "pca"], help="How the embedding map is drawn.")
+    opts = parse_with_config(parser, argv)
+    if opts.count < 1 or not 0 < opts.dup_threshold <= 1:
+        raise CifarlabError("--count takes a positive integer and --dup_threshold a similarity in (0, 1]")
     model = load_classifier(opts.ckpt)
-    test = predict_test_set(model, opts.ckpt, eval_datamodule(model, opts.root, opts.source))
-    out = Path(opts.out) if opts.out else Path(opts.ckpt).resolve().parent.parent / "report"
-    print(f"report: {write_report(model, test, Path(opts.ckpt), out, opts.count)}")
+    other = load_classifier(opts.compare) if opts.compare else None
+    if other is not None and list(other.class_names) != list(model.class_names):
+        raise CifarlabError(f"--compare {opts.compare} classifies {', '.join(other.class_names)}, but --ckpt "
+                            f"{opts.ckpt} classifies {', '.join(model.class_names)}: compare checkpoints trained on "
+                            "the same classes")
+    dm = eval_datamodule(model, opts.root, opts.source)
+    test = predict_test_set(model, opts.ckpt, dm)
+    data_audit = DataAudit.build(model, opts.ckpt, test, dm, opts.projection)
+    other_test = predict_test_set(other, opts.compare, dm) if other is not None else None
+    out = Path(opts.out) if opts.out else Run.of_checkpoint(opts.ckpt).dir / "report"
+    page = write_report(model, test, Path(opts.ckpt), out, opts.count, data_audit=data_audit, other=other,
+                        other_test=other_test, dup_threshold=opts.dup_threshold)
+    print(f"report: {page}")
 
 
 def export_main(argv: list[str]) -> None:
@@ -459,7 +527,7 @@ def export_main(argv: list[str]) -> None:
     parser.add_argument("--out", default=None, help="Output file (default: beside the checkpoint, .onnx).")
     parser.add_argument("--tta", action="store_true", help="Include the recipe's test-time augmentation.")
     parser.add_argument("--opset", type=int, default=18, help="ONNX opset version.")
-    opts = parser.parse_args(argv)
+    opts = parse_with_config(parser, argv)
     model = load_classifier(opts.ckpt)
     out = Path(opts.out) if opts.out else Path(opts.ckpt).with_suffix(".onnx")
     path = export_onnx(model, out, tta=opts.tta, opset=opts.opset)
@@ -487,8 +555,10 @@ def main(argv: list[str] | None = None) -> None:
         tune_malloc(server=True)
     elif command not in ("predict", "report", "export"):  # training and data work (fit, validate, test, lr-find, stats)
         tune_malloc()
+    from cifarlab.crossval import audit_main
+
     commands = {"stats": stats_main, "lr-find": lr_find_main, "lr_find": lr_find_main, "app": app_main,
-                "predict": predict_main, "report": report_main, "export": export_main}
+                "predict": predict_main, "report": report_main, "export": export_main, "audit": audit_main}
     try:
         argv = resolve_config_args(argv)  # `--config fast` is the packaged recipe
         if argv and argv[0] in commands:

@@ -7,7 +7,8 @@ Sources (``--data.source``):
 A folder is decoded once into ``<cache_dir>/<split>-<key>.npz``; the key hashes every file's path, size
 and mtime, so adding, removing or touching a file rebuilds the cache instead of reusing a stale one.
 A stratified, seeded validation split is held out of the training images; the test split is only
-used by ``test`` (and at the end of ``fit``).
+used by ``test`` (and at the end of ``fit``). For cross-validation (``cifarlab audit``, ``--data.folds K
+--data.fold k``), the training images are first dealt into K stratified folds and fold k is held out of both.
 """
 
 from __future__ import annotations
@@ -184,6 +185,17 @@ def load_cifar10_split(root: Path, split: str) -> Split:
 
 
 # ---------------------------------------------------------------------------------------------- splits
+def stratified_folds(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """The fold ``(N,)`` of every image: each class's images shuffled (seeded) and dealt round-robin, so every fold
+    holds each class in proportion and fold sizes differ by at most one image per class."""
+    fold = np.zeros(len(labels), dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    for c in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        fold[members] = (np.arange(len(members)) + int(c)) % folds  # + c: the first fold is not always the largest
+    return fold
+
+
 def stratified_split(labels: np.ndarray, val_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices ``(train, val)`` with ``val_size`` validation images spread over classes in proportion
     (``val_size=0``: every image trains, ``val`` is empty)."""
@@ -277,6 +289,9 @@ class CIFARDataModule(L.LightningDataModule):
             ``~/.cache/cifarlab/...`` when the root is read-only).
         skip_corrupt: leave out image files that do not decode (with a warning that counts them) instead of
             stopping with an error that names the first one.
+        folds: for cross-validation (``cifarlab audit``): the training images are dealt into this many stratified
+            folds (seeded by ``split_seed``) and fold ``fold`` is held out of training and validation. 1: no folds.
+        fold: the fold held out, 0 to ``folds`` - 1.
     """
 
     def __init__(
@@ -291,8 +306,13 @@ class CIFARDataModule(L.LightningDataModule):
         num_workers: int = 0,
         cache_dir: str | None = None,
         skip_corrupt: bool = False,
+        folds: int = 1,
+        fold: int = 0,
     ):
         super().__init__()
+        if folds < 1 or not 0 <= fold < folds:
+            raise ConfigError(f"--data.folds {folds} --data.fold {fold}: pass --data.folds K (1 or more; 1: no "
+                              "cross-validation) and --data.fold between 0 and K - 1")
         augment = AugmentConfig(**augment) if isinstance(augment, dict) else (augment or AugmentConfig())
         if augment.flip and augment.alternate_flips and augment.backend != "tensor":
             raise ConfigError("augment.alternate_flips needs --data.augment.backend tensor")
@@ -315,6 +335,8 @@ class CIFARDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self._cache_dir = cache_dir
         self.skip_corrupt = skip_corrupt
+        self.folds = folds
+        self.fold = fold
         # Filled by setup(): nothing is loaded before it (prepare_data may run on another process).
         self.classes: list[str] | None = None
         self.mean: list[float] | None = None
@@ -390,7 +412,9 @@ class CIFARDataModule(L.LightningDataModule):
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         # Statistics of the whole training folder (held-out part included), as published for CIFAR-10.
         self.mean, self.std = cached_channel_stats(train.images, self.cache_dir / f"stats-{train.key}.json")
-        train_idx, val_idx = stratified_split(train.labels, self.val_size, self.split_seed)
+        pool = np.setdiff1d(np.arange(len(train.labels)), self.heldout_indices(train.labels))
+        train_idx, val_idx = stratified_split(train.labels[pool], self.val_size, self.split_seed)
+        train_idx, val_idx = pool[train_idx], pool[val_idx]  # positions in the whole training split
         per_sample = None
         if self.augment.backend == "albumentations":
             per_sample = albumentations_pipeline(self.augment, self.mean)
@@ -404,6 +428,15 @@ class CIFARDataModule(L.LightningDataModule):
             self.train_set.alternate_flips(flip_first, lambda: self.trainer.current_epoch if self.trainer else 0)
         self.val_set = ImageArrayDataset(train.images[val_idx], train.labels[val_idx]) if len(val_idx) else None
         self.test_set = ImageArrayDataset(test.images, test.labels)
+
+    def heldout_indices(self, labels: np.ndarray | None = None) -> np.ndarray:
+        """Positions in the whole training split (the order of ``load_splits()["train"]``, whose ``labels`` may be
+        passed to save loading it) of the fold held out: sorted, empty with ``folds`` = 1."""
+        if self.folds == 1:
+            return np.zeros(0, dtype=np.int64)
+        if labels is None:
+            labels = self.load_splits()["train"].labels
+        return np.flatnonzero(stratified_folds(np.asarray(labels), self.folds, self.split_seed) == self.fold)
 
     def _loader(self, dataset, batch_size: int, shuffle: bool, drop_last: bool = False) -> DataLoader:
         workers = self.num_workers if dataset.transform is not None else 0

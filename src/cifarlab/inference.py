@@ -18,6 +18,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from cifarlab.errors import CifarlabError
 from cifarlab.progress import progress
+from cifarlab.runs import Run
 from cifarlab.transforms import pil_to_uint8
 
 MAX_IMAGE_PIXELS = 40_000_000  # refuse larger images before decoding (a 12 MP phone photo is 12.2 M pixels)
@@ -262,7 +263,7 @@ def predict_test_set(model, ckpt_path: str | Path, datamodule, batch_size: int =
     test = datamodule.test_set
     images, labels = test.images, test.labels.numpy()
     ckpt_path = Path(ckpt_path).resolve()
-    run_file = ckpt_path.parent.parent / "test_predictions.npz"
+    run_file = Run.of_checkpoint(ckpt_path).test_predictions
     tta = model.hparams.get("tta_level", 0)  # in the name: files from before TTA was applied here are not reused
     cache_file = datamodule.cache_dir / f"predictions-tta{tta}-{checkpoint_key(ckpt_path)}-{len(labels)}.npz"
     for candidate in (run_file, cache_file):

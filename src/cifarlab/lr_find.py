@@ -1,11 +1,12 @@
 """Learning-rate range test: Lightning's Tuner sweeps the LR exponentially; we pick and plot the suggestion.
 
 The sweep is Lightning's (device, precision, data hooks all come from the Trainer). The suggestion is ours,
-for two reasons seen with Lightning 2.6 (``tuner/lr_finder.py``):
-  * its running average is debiased with ``1 - beta**(global_step + 1)`` where ``global_step`` is already 1
-    after the first batch, so the first ~50 points read too low and the curve seems to *rise* at tiny LRs;
-  * ``suggestion()`` takes the gradient against the LR itself, not log(LR), so on an exponential sweep the
-    densely spaced tiny LRs win on noise (it suggested 1e-6 for the seed recipe, where nothing is learnt).
+because Lightning 2.6's own (``tuner/lr_finder.py``) misleads on an exponential sweep:
+  * its running average is debiased one step late (``global_step`` is already 1 after the first batch), so the
+    curve seems to rise at tiny LRs (https://github.com/Lightning-AI/pytorch-lightning/issues/14167);
+  * ``suggestion()`` differentiates against the LR, not log(LR), so noise among the densely spaced tiny LRs wins
+    (https://github.com/Lightning-AI/pytorch-lightning/issues/21141; what it picked for the seed recipe:
+    docs/benchmarks.md, "`cifarlab lr-find --config configs/seed.yaml`").
 We undo the bias exactly and take the steepest descent against log(LR), as torch-lr-finder (the seed) does.
 """
 

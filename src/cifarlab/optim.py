@@ -22,8 +22,8 @@ NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 def orthogonalize(g: torch.Tensor, steps: int = 3, eps: float = 1e-7) -> torch.Tensor:
     """Approximately ``U V^T`` of a matrix ``g = U S V^T`` ``(m, n)``, by ``steps`` Newton-Schulz iterations.
 
-    bf16 on GPUs (as airbench); float32 elsewhere: CPUs without native bf16 run bf16 matmuls ~50x slower than
-    float32 (measured here: 211 ms vs 4 ms for a 256x256 by 256x2304 product).
+    bf16 on GPUs (as airbench); float32 elsewhere: CPUs without native bf16 emulate bf16 matmuls, many times slower
+    than float32 (docs/benchmarks.md, "Precision: bf16 only where the CPU has it").
     """
     a, b, c = NS_COEFFICIENTS
     x = g.to(torch.bfloat16 if g.is_cuda else torch.float32)

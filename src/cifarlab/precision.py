@@ -4,15 +4,15 @@ Recipes leave ``trainer.precision`` out, so the same YAML runs at its best on ev
 
 * CUDA: ``bf16-mixed`` where the GPU computes bf16 natively (Ampere and newer), else ``16-mixed``.
 * CPU: ``bf16-mixed`` only where it is measurably faster than fp32 here, else ``32-true``. The CPU's flags
-  decide first: without AVX512-BF16 or AMX-BF16 (x86) oneDNN *emulates* bf16, at 1/3 to 1/20 of fp32's
-  speed, although ``torch.ops.mkldnn._is_mkldnn_bf16_supported()`` still says True on any AVX-512 CPU. With
-  those flags (or where flags cannot be read) a probe of about a second times one conv forward + backward at
+  decide first: without AVX512-BF16 or AMX-BF16 (x86) oneDNN *emulates* bf16, far slower than fp32,
+  although ``torch.ops.mkldnn._is_mkldnn_bf16_supported()`` still says True on any AVX-512 CPU. With
+  those flags (or where flags cannot be read) a short probe times one conv forward + backward at
   the fast recipe's shapes in both precisions; its answer is cached per machine (CPU model, flags, threads,
   torch version) in ``~/.cache/cifarlab/precision-<key>.json``.
 * Anything else (MPS, ...): ``32-true``.
 
 ``--trainer.precision`` always wins over this choice. Measurements: ``benchmarks/precision.py``,
-docs/benchmarks.md ("Precision").
+docs/benchmarks.md ("Precision: flags first, then a cached probe"; "Precision: bf16 only where the CPU has it").
 """
 
 from __future__ import annotations
@@ -73,7 +73,8 @@ def probe_bf16_speedup(batch: int = 64, repeats: int = 5) -> float:
     """Training-speed ratio bf16 autocast / fp32 on this CPU: one 3x3 conv 256 -> 256 channels at 8x8
     (the fast recipe's third conv group), forward + backward, channels-last. The two precisions alternate
     and each keeps its fastest of ``repeats`` calls after a warm-up, so another busy process slows both
-    rather than skewing the ratio. About 0.4 s where bf16 is native; it stops early once bf16 is clearly slower.
+    rather than skewing the ratio. It stops early once bf16 is clearly slower (its cost and repeatability:
+    docs/benchmarks.md, "Precision: flags first, then a cached probe").
     """
     with torch.random.fork_rng(devices=[]):  # the run's seed (set before this) must not move
         torch.manual_seed(0)

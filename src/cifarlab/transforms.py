@@ -7,9 +7,9 @@ LightningModule. So a checkpoint carries its own mean/std, and no path can norma
 Two interchangeable augmentation back ends draw from the same distribution:
 
 * ``albumentations``: the reference recipe, per sample, in the DataLoader.
-* ``tensor``: the same ops on a whole uint8 batch at once on the training device. Hand-written because it is
-  measurably faster: per-sample Python augmentation takes CPU time from the model on a 2-core machine
-  (see docs/benchmarks.md).
+* ``tensor``: the same ops on a whole uint8 batch at once on the training device. Hand-written because
+  per-sample Python augmentation takes CPU time from the model (docs/benchmarks.md, "Throughput: the seed's
+  path against cifarlab's, custom ResNet").
 """
 
 from __future__ import annotations

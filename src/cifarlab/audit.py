@@ -1,0 +1,278 @@
+"""What is wrong with the data, not only with the model: likely label errors (cleanlab), near-duplicates between
+training and test images, a 2-D map of the test set, and two checkpoints compared image by image.
+
+Everything here is arrays in, arrays out (no Gradio): the app and ``cifarlab report`` draw what it returns.
+Features are the network's penultimate activations (the input of its last linear layer), computed once per
+checkpoint and cached next to the data with the map (``embeddings-<checkpoint key>-....npz``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cifarlab.errors import CifarlabError
+from cifarlab.progress import progress
+
+FEATURE_BATCH = 1000  # images per forward pass when computing features (no gradients: memory is not the limit)
+PCA_DIMS = 50  # t-SNE runs on the first 50 principal components: the usual denoising step, and 5x less work
+DUPLICATE_CANDIDATES = 5  # training images per test image, nearest by features, whose pixels are then compared
+# Pixel correlation (see ``pixel_signature``) above which a test image and its best candidate count as near-duplicates.
+# Chosen by eye on the JPEG copy's pairs (docs/benchmarks.md, "Data audit"); the app's slider and
+# `cifarlab report --dup_threshold` change it.
+DUPLICATE_SIMILARITY = 0.90
+
+
+# ---------------------------------------------------------------------------------------------- features
+@torch.no_grad()
+def penultimate_features(model, images: np.ndarray, batch_size: int = FEATURE_BATCH,
+                         desc: str | None = None) -> np.ndarray:
+    """Features ``(N, D)`` float32 of uint8 images ``(N, 32, 32, 3)``: the input of the network's final ``fc`` layer
+    (after global pooling), captured by a forward pre-hook so no network needs a features method."""
+    captured: list[torch.Tensor] = []
+    handle = model.net.fc.register_forward_pre_hook(lambda _m, inputs: captured.append(inputs[0].float().cpu()))
+    model.eval()
+    try:
+        starts = range(0, len(images), batch_size)
+        for start in progress(starts, desc, unit="batch") if desc else starts:
+            x = torch.from_numpy(images[start:start + batch_size]).permute(0, 3, 1, 2).contiguous()
+            model(x.to(model.device))
+    finally:
+        handle.remove()
+    return torch.cat(captured).numpy() if captured else np.zeros((0, model.net.fc.in_features), np.float32)
+
+
+def project_2d(features: np.ndarray, method: str = "tsne", seed: int = 0) -> np.ndarray:
+    """A 2-D map ``(N, 2)`` float32 of ``features``: t-SNE (scikit-learn, on the first ``PCA_DIMS`` principal
+    components) or PCA alone (instant, but classes overlap more)."""
+    from sklearn.decomposition import PCA
+
+    if method not in ("tsne", "pca"):
+        raise CifarlabError(f"unknown projection {method!r}: choose tsne or pca")
+    x = features.astype(np.float32)
+    if method == "pca" or len(x) < 5:
+        return PCA(2, random_state=seed).fit_transform(x).astype(np.float32)
+    from sklearn.manifold import TSNE
+
+    x = PCA(min(PCA_DIMS, *x.shape), random_state=seed).fit_transform(x)
+    perplexity = min(30.0, (len(x) - 1) / 3)  # sklearn requires perplexity < N
+    return TSNE(2, init="pca", perplexity=perplexity, random_state=seed,
+                n_jobs=os.cpu_count()).fit_transform(x).astype(np.float32)
+
+
+def nearest_neighbours(query: np.ndarray, base: np.ndarray, k: int = 1,
+                       chunk: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    """For each row of ``query`` ``(Nq, D)``, the ``k`` most similar rows of ``base`` ``(Nb, D)`` by cosine similarity
+    of features centred on ``base``'s mean: ``(index (Nq, k), similarity (Nq, k))``, most similar first.
+
+    Exact search in chunks (10k x 50k x 256 is ~0.1 TFLOP: seconds on a CPU), no index library needed. Centring
+    matters: ReLU/GELU features are mostly positive, so uncentred cosines are all close to 1.
+    """
+    mean = torch.from_numpy(base.mean(0, keepdims=True, dtype=np.float64).astype(np.float32))
+
+    def unit(x):
+        return torch.nn.functional.normalize(torch.from_numpy(np.asarray(x, dtype=np.float32)) - mean, dim=1)
+
+    b = unit(base)
+    index, similarity = [np.zeros((0, k), np.int64)], [np.zeros((0, k), np.float32)]
+    for start in range(0, len(query), chunk):
+        best = (unit(query[start:start + chunk]) @ b.T).topk(min(k, len(b)), dim=1)  # of (chunk, Nb) cosines
+        index.append(best.indices.numpy())
+        similarity.append(best.values.numpy())
+    return np.concatenate(index).astype(np.int64), np.concatenate(similarity).astype(np.float32)
+
+
+def pixel_signature(images: np.ndarray) -> torch.Tensor:
+    """Unit vectors ``(N, 256)`` of uint8 images ``(N, 32, 32, 3)``: grey, 16x16, mean removed, so their dot product
+    is the images' pixel correlation (unchanged by brightness and contrast, hurt by shifts)."""
+    x = torch.from_numpy(np.asarray(images)).float().mean(-1, keepdim=True).permute(0, 3, 1, 2)  # (N, 1, 32, 32)
+    x = torch.nn.functional.avg_pool2d(x, 2).flatten(1)  # (N, 256)
+    return torch.nn.functional.normalize(x - x.mean(1, keepdim=True), dim=1)
+
+
+def match_duplicates(test_images: np.ndarray, train_images: np.ndarray, test_features: np.ndarray,
+                     train_features: np.ndarray,
+                     candidates: int = DUPLICATE_CANDIDATES) -> tuple[np.ndarray, np.ndarray]:
+    """Each test image's most likely duplicate in the training set: ``(nearest (N,), similarity (N,))``.
+
+    The network's features find ``candidates`` training images that look alike to the model; their pixel correlation
+    (``pixel_signature``) picks and scores the closest. Features alone rank same-class look-alikes (two different
+    ships on water) as high as real copies: a trained network maps a class to a tight cluster.
+    """
+    index, _ = nearest_neighbours(test_features, train_features, candidates)
+    test_sig, train_sig = pixel_signature(test_images), pixel_signature(train_images)
+    scores = (test_sig[:, None, :] * train_sig[torch.from_numpy(index)]).sum(-1)  # (N, candidates)
+    best = scores.argmax(1)
+    rows = torch.arange(len(index))
+    return index[rows.numpy(), best.numpy()], scores[rows, best].numpy().astype(np.float32)
+
+
+@dataclass
+class Embeddings:
+    """A checkpoint's view of the data: test features ``(N, D)``, their 2-D map ``(N, 2)``, and for each test image
+    its likeliest duplicate in the training split (``nearest`` index, ``similarity`` from ``match_duplicates``)."""
+
+    test: np.ndarray
+    map2d: np.ndarray
+    nearest: np.ndarray | None = None
+    similarity: np.ndarray | None = None
+
+
+def embeddings(model, ckpt_path: str | Path, test_images: np.ndarray, train_images: np.ndarray | None,
+               cache_dir: Path, projection: str = "tsne") -> Embeddings:
+    """Features, 2-D map and train->test nearest neighbours for a checkpoint, computed once and cached in
+    ``cache_dir`` (keyed by the checkpoint file, the projection and the image counts)."""
+    from cifarlab.inference import checkpoint_key
+
+    n_train = 0 if train_images is None else len(train_images)
+    cache = Path(cache_dir) / (f"embeddings-{checkpoint_key(ckpt_path)}-{projection}-"
+                               f"{len(test_images)}-{n_train}.npz")
+    if cache.exists():
+        with np.load(cache, allow_pickle=False) as z:
+            if n_train:
+                return Embeddings(z["test"].astype(np.float32), z["map2d"], z["nearest"], z["similarity"])
+            return Embeddings(z["test"].astype(np.float32), z["map2d"])
+    test = penultimate_features(model, test_images, desc=f"features of {len(test_images)} test images")
+    print(f"projecting {len(test)} test images to 2-D ({projection}, once per checkpoint) ...", flush=True)
+    map2d = project_2d(test, projection)
+    out = Embeddings(test, map2d)
+    arrays = {"test": test.astype(np.float16), "map2d": map2d}
+    if n_train:
+        train = penultimate_features(model, train_images, desc=f"features of {n_train} training images")
+        out.nearest, out.similarity = match_duplicates(test_images, train_images, test, train)
+        arrays.update(nearest=out.nearest, similarity=out.similarity)
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_name(cache.name + ".tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, cache)  # a crash never leaves half a cache file
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- label errors
+@dataclass
+class LabelIssues:
+    """cleanlab's view of one split: ``quality`` (N,) in [0, 1] (low = the given label is likely wrong),
+    ``flagged`` the indices cleanlab finds mislabeled, most likely first, ``suggested`` (N,) the model's label."""
+
+    quality: np.ndarray
+    flagged: np.ndarray
+    suggested: np.ndarray
+
+
+def label_issues(labels: np.ndarray, probs: np.ndarray) -> LabelIssues:
+    """Likely label errors from out-of-sample probabilities ``probs`` (N, K) and given ``labels`` (N,):
+    ``cleanlab.filter.find_label_issues`` (confident learning, pruned by noise rate) ranked by
+    ``cleanlab.rank.get_label_quality_scores`` (self-confidence: the probability of the given label)."""
+    from cleanlab.filter import find_label_issues
+    from cleanlab.rank import get_label_quality_scores
+
+    labels = np.asarray(labels, dtype=np.int64)
+    probs = np.asarray(probs, dtype=np.float32)
+    probs = probs / probs.sum(1, keepdims=True)  # float16 files: cleanlab checks rows sum to 1
+    quality = get_label_quality_scores(labels, probs, method="self_confidence")
+    if len(np.unique(labels)) < probs.shape[1]:  # cleanlab needs every class present; a tiny set may lack one
+        flagged = np.flatnonzero(probs.argmax(1) != labels)
+        flagged = flagged[np.argsort(quality[flagged], kind="stable")]
+    else:
+        flagged = find_label_issues(labels, probs, return_indices_ranked_by="self_confidence")
+    return LabelIssues(quality.astype(np.float32), np.asarray(flagged, dtype=np.int64), probs.argmax(1))
+
+
+def accuracy(preds: np.ndarray, labels: np.ndarray, keep: np.ndarray | None = None) -> float:
+    """Fraction of ``preds == labels``, over the images where ``keep`` (a boolean mask) is True."""
+    right = np.asarray(preds) == np.asarray(labels)
+    if keep is not None:
+        right = right[keep]
+    return float(right.mean()) if len(right) else float("nan")
+
+
+def per_class_accuracy(preds: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Accuracy ``(K,)`` of each true class (0 for a class with no images)."""
+    confusion = np.bincount(labels * num_classes + preds, minlength=num_classes ** 2).reshape(num_classes, -1)
+    return confusion.diagonal() / np.maximum(confusion.sum(1), 1)
+
+
+# ---------------------------------------------------------------------------------------------- two runs
+@dataclass
+class Comparison:
+    """Two checkpoints' predictions on the same test images: where only A is right, where only B is right
+    (each most confident first: the surest fixes and breakages), and per-class accuracy of both."""
+
+    only_a: np.ndarray
+    only_b: np.ndarray
+    per_class_a: np.ndarray
+    per_class_b: np.ndarray
+    acc_a: float
+    acc_b: float
+
+
+def compare_runs(probs_a: np.ndarray, probs_b: np.ndarray, labels: np.ndarray, classes_a: list[str],
+                 classes_b: list[str]) -> Comparison:
+    """Compare two checkpoints' test probabilities ``(N, K)``; their class lists must be the same."""
+    if list(classes_a) != list(classes_b):
+        raise CifarlabError(f"the two checkpoints classify different classes ({', '.join(classes_a)} vs "
+                            f"{', '.join(classes_b)}): compare checkpoints trained on the same data")
+    if probs_a.shape != probs_b.shape:
+        raise CifarlabError(f"the two checkpoints were evaluated on different test sets ({len(probs_a)} vs "
+                            f"{len(probs_b)} images): pass the same --data.root for both")
+    pa, pb = probs_a.argmax(1), probs_b.argmax(1)
+    right_a, right_b = pa == labels, pb == labels
+    only_a = np.flatnonzero(right_a & ~right_b)
+    only_b = np.flatnonzero(right_b & ~right_a)
+    only_a = only_a[np.argsort(-probs_b[only_a].max(1), kind="stable")]  # B surest of its wrong answer first
+    only_b = only_b[np.argsort(-probs_a[only_b].max(1), kind="stable")]
+    k = len(classes_a)
+    return Comparison(only_a, only_b, per_class_accuracy(pa, labels, k), per_class_accuracy(pb, labels, k),
+                      float(right_a.mean()), float(right_b.mean()))
+
+
+def side_by_side(panels: list[np.ndarray], gap: int = 4) -> np.ndarray:
+    """Equal-height ``(H, W, 3)`` uint8 panels in one row, separated by ``gap`` white pixels."""
+    height = panels[0].shape[0]
+    spacer = np.full((height, gap, 3), 255, np.uint8)
+    row = []
+    for i, panel in enumerate(panels):
+        if i:
+            row.append(spacer)
+        row.append(panel)
+    return np.concatenate(row, axis=1)
+
+
+# ---------------------------------------------------------------------------------------------- one bundle
+@dataclass
+class DataAudit:
+    """Everything the app's and the report's data tabs show for one checkpoint: the training split, the embeddings,
+    and cleanlab's label issues of the test split and, once ``cifarlab audit`` has run, of the training split."""
+
+    train_images: np.ndarray  # (N_train, 32, 32, 3) uint8
+    train_labels: np.ndarray  # (N_train,) int64
+    emb: Embeddings
+    issues: dict[str, LabelIssues]
+    train_probs: np.ndarray | None = None  # (N_train, K) out-of-sample, from `cifarlab audit`
+    train_source: str = ""  # the file they came from, and how
+
+    @classmethod
+    def build(cls, model, ckpt_path: str | Path, test, datamodule, projection: str = "tsne") -> DataAudit:
+        """Compute (or read from the cache) what the data tabs need; ``test`` is ``inference.Predictions``."""
+        from cifarlab.crossval import find_train_oof
+
+        train = datamodule.load_splits()["train"]
+        train_labels = np.asarray(train.labels, dtype=np.int64)
+        emb = embeddings(model, ckpt_path, test.images, train.images, datamodule.cache_dir, projection)
+        out = cls(train.images, train_labels, emb, {"test": label_issues(test.labels, test.probs)})
+        found = find_train_oof(datamodule.cache_dir, train_labels, list(model.class_names))
+        if found is not None:
+            path, data = found
+            out.train_probs = np.asarray(data["probs"], dtype=np.float32)
+            out.issues["train"] = label_issues(train_labels, out.train_probs)
+            out.train_source = f"{int(data['folds'])}-fold cross-validation of {str(data['recipe'])} ({path.name})"
+        return out
+
+    def duplicates(self, threshold: float = DUPLICATE_SIMILARITY) -> np.ndarray:
+        """Test indices with a training near-duplicate at ``threshold`` or above, most similar first."""
+        found = np.flatnonzero(self.emb.similarity >= threshold)
+        return found[np.argsort(-self.emb.similarity[found], kind="stable")]
