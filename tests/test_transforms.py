@@ -117,3 +117,17 @@ def test_pil_to_uint8_converts_mode_and_size():
     img = Image.new("L", (100, 60), color=200)
     out = pil_to_uint8(img)
     assert out.shape == (32, 32, 3) and out.dtype == np.uint8 and (out == 200).all()
+
+
+def test_the_epoch_policy_lives_in_transforms():
+    from cifarlab.transforms import AugmentConfig, alternate_flip_mask, crop_for_epoch, random_flips
+
+    first = torch.tensor([True, False, True])
+    assert alternate_flip_mask(first, 0).tolist() == [True, False, True]
+    assert alternate_flip_mask(first, 1).tolist() == [False, True, False]  # the other way round
+    assert alternate_flip_mask(first, 4).tolist() == first.tolist()
+    cfg = AugmentConfig(early_crop=24, early_crop_epochs=2)
+    assert [crop_for_epoch(cfg, e) for e in range(4)] == [24, 24, None, None]
+    assert crop_for_epoch(AugmentConfig(), 0) is None
+    assert random_flips(AugmentConfig()) and not random_flips(AugmentConfig(alternate_flips=True))
+    assert not random_flips(AugmentConfig(flip=False))

@@ -29,7 +29,16 @@ from torch.utils.data import DataLoader, Dataset
 from cifarlab.errors import ConfigError, DataError
 from cifarlab.progress import progress
 from cifarlab.stats import cached_channel_stats
-from cifarlab.transforms import IMAGE_SIZE, MIN_CROP, AugmentConfig, BatchAugment, albumentations_pipeline, pil_to_uint8
+from cifarlab.transforms import (
+    IMAGE_SIZE,
+    MIN_CROP,
+    AugmentConfig,
+    BatchAugment,
+    albumentations_pipeline,
+    alternate_flip_mask,
+    crop_for_epoch,
+    pil_to_uint8,
+)
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -260,7 +269,7 @@ class ImageArrayDataset(Dataset):
         if self.transform is None:
             x, y = self.batch(indices)
             if self._flip_first is not None:
-                flip = self._flip_first[torch.as_tensor(indices)] ^ bool(self._epoch_fn() % 2)
+                flip = alternate_flip_mask(self._flip_first[torch.as_tensor(indices)], self._epoch_fn())
                 x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
             return x, y
         return torch.utils.data.default_collate([self[i] for i in indices])
@@ -474,9 +483,7 @@ class CIFARDataModule(L.LightningDataModule):
         if self._batch_augment is not None and training and isinstance(batch, (list, tuple)):
             x, y = batch
             self._batch_augment.to(x.device)
-            aug = self.augment
-            crop = aug.early_crop if aug.early_crop and self.trainer.current_epoch < aug.early_crop_epochs else None
-            batch = (self._batch_augment(x, crop), y)
+            batch = (self._batch_augment(x, crop_for_epoch(self.augment, self.trainer.current_epoch)), y)
         return batch
 
     def train_transform(self):

@@ -57,6 +57,23 @@ class AugmentConfig:
     """Epochs trained on ``early_crop`` crops."""
 
 
+# The epoch-dependent part of the augmentation policy, in one place: the data module and the dataset only ask.
+def random_flips(cfg: AugmentConfig) -> bool:
+    """Whether ``BatchAugment`` mirrors images at random (else they are mirrored by index: ``alternate_flip_mask``)."""
+    return cfg.flip and not cfg.alternate_flips
+
+
+def alternate_flip_mask(flip_first: torch.Tensor, epoch: int) -> torch.Tensor:
+    """airbench's alternating flips: which of the images whose ``flip_first`` (bool) is given are served mirrored in
+    ``epoch`` (0-based): those drawn in epoch 0, then the other way round in every next epoch."""
+    return flip_first ^ bool(epoch % 2)
+
+
+def crop_for_epoch(cfg: AugmentConfig, epoch: int) -> int | None:
+    """The side of the training crop in ``epoch`` (progressive resizing), or ``None`` for full-size images."""
+    return cfg.early_crop if cfg.early_crop and epoch < cfg.early_crop_epochs else None
+
+
 class Normalize(nn.Module):
     """uint8 pixels ``(B, 3, H, W)`` -> float ``(x / 255 - mean) / std``. Float inputs are taken as 0..255 too.
 
@@ -139,12 +156,12 @@ class BatchAugment(nn.Module):
             rows = _reflect(torch.arange(out_h, device=dev) + shift_y, h)  # (B, out_h)
             cols = _reflect(torch.arange(out_w, device=dev) + shift_x, w)  # (B, out_w)
             h, w = out_h, out_w
-            if cfg.flip and not cfg.alternate_flips:  # (alternating flips happen in the dataset, by index)
+            if random_flips(cfg):  # (alternating flips happen in the dataset, by index)
                 flip = torch.rand(b, 1, device=dev) < 0.5
                 cols = torch.where(flip, cols.flip(1), cols)
             batch = torch.arange(b, device=dev).view(b, 1, 1)
             x = x[batch, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)  # (B, 3, out_h, out_w)
-        elif cfg.flip and not cfg.alternate_flips:
+        elif random_flips(cfg):
             flip = torch.rand(b, 1, 1, 1, device=dev) < 0.5
             x = torch.where(flip, x.flip(3), x)
         if cfg.cutout_size > 0 and cfg.cutout_holes > 0 and cfg.cutout_p > 0:
