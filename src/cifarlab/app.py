@@ -27,7 +27,6 @@ from PIL import Image  # noqa: E402
 
 from cifarlab import audit  # noqa: E402
 from cifarlab import cam as cams  # noqa: E402
-from cifarlab.errors import CifarlabError  # noqa: E402
 from cifarlab.inference import (  # noqa: E402
     DECODE_MIN_SIZE,
     MAX_IMAGE_BYTES,
@@ -40,7 +39,7 @@ from cifarlab.inference import (  # noqa: E402
     model_input,
     predict_test_set,
 )
-from cifarlab.report import plot_confusion, plot_embedding  # noqa: E402
+from cifarlab.report import class_accuracy, plot_confusion, plot_embedding  # noqa: E402
 from cifarlab.runs import Run  # noqa: E402
 
 PANEL = 224  # pixels: side of each image panel (the 32x32 input upscaled 7x)
@@ -90,16 +89,17 @@ class CifarApp:
         # The other checkpoint of `--compare`: checked before any slow work, so a wrong pair fails at once.
         self.other = load_classifier(compare) if compare else None
         self.other_path = Path(compare) if compare else None
-        if self.other is not None and list(self.other.class_names) != self.classes:
-            raise CifarlabError(f"--compare {compare} classifies {', '.join(self.other.class_names)}, but --ckpt "
-                                f"{ckpt_path} classifies {', '.join(self.classes)}: compare checkpoints trained on "
-                                "the same classes")
+        if self.other is not None:
+            audit.check_same_classes(self.classes, list(self.other.class_names), f"--ckpt {ckpt_path}",
+                                     f"--compare {compare}")
         # The test set: the given root, else the training data if it is at hand (else the page only classifies).
         dm = eval_datamodule(self.model, data_root, source, required=data_root is not None or compare is not None)
         self.test: Predictions | None = predict_test_set(self.model, self.ckpt_path, dm) if dm else None
         self.audit = audit.DataAudit.build(self.model, self.ckpt_path, self.test, dm, projection) if dm else None
         self.other_test = predict_test_set(self.other, self.other_path, dm) if self.other is not None else None
         self.other_layers = cams.target_layers(self.other.net) if self.other is not None else {}
+        self.comparison = (audit.compare_runs(self.test.probs, self.other_test.probs, self.test.labels, self.classes,
+                                              list(self.other.class_names)) if self.other_test is not None else None)
         self.run = Run.of_checkpoint(self.ckpt_path)
         self.run_dir = self.run.dir
         self._files = tempfile.TemporaryDirectory(prefix="cifarlab-app-")
@@ -217,7 +217,7 @@ class CifarApp:
             os.close(fd)
             plot_confusion(cm, self.classes, Path(part))
             os.replace(part, path)  # a page loading meanwhile never reads a half-written file
-        per_class = cm.diagonal() / np.maximum(cm.sum(1), 1)
+        per_class = class_accuracy(cm)
         table = [[c, f"{a:.1%}", int(cm[i].sum())] for i, (c, a) in enumerate(zip(self.classes, per_class))]
         matrix = [[self.classes[i], *map(int, row)] for i, row in enumerate(cm)]
         return str(path), table, matrix
@@ -370,8 +370,8 @@ class CifarApp:
 
     def compare_table(self) -> list[list]:
         """Per-class accuracy of both checkpoints and B - A, in points."""
-        t, o = self._need_test(), self._need_other()
-        c = audit.compare_runs(t.probs, o.probs, t.labels, self.classes, list(self.other.class_names))
+        self._need_other()
+        c = self.comparison
         rows = [[name, f"{a:.1%}", f"{b:.1%}", f"{100 * (b - a):+.1f}"]
                 for name, a, b in zip(self.classes, c.per_class_a, c.per_class_b)]
         return [*rows, ["all", f"{c.acc_a:.2%}", f"{c.acc_b:.2%}", f"{100 * (c.acc_b - c.acc_a):+.2f}"]]
@@ -381,7 +381,7 @@ class CifarApp:
         """Test images that one checkpoint gets right and the other wrong: items ``(image | A's CAM | B's CAM,
         caption)``, each CAM for that checkpoint's own prediction, and a summary."""
         t, o = self._need_test(), self._need_other()
-        c = audit.compare_runs(t.probs, o.probs, t.labels, self.classes, list(self.other.class_names))
+        c = self.comparison
         if which not in COMPARE_CHOICES:
             raise gr.Error(f"choose one of {', '.join(COMPARE_CHOICES)}")
         idx = c.only_a if which == COMPARE_CHOICES[0] else c.only_b

@@ -192,8 +192,10 @@ def accuracy(preds: np.ndarray, labels: np.ndarray, keep: np.ndarray | None = No
 
 def per_class_accuracy(preds: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
     """Accuracy ``(K,)`` of each true class (0 for a class with no images)."""
-    confusion = np.bincount(labels * num_classes + preds, minlength=num_classes ** 2).reshape(num_classes, -1)
-    return confusion.diagonal() / np.maximum(confusion.sum(1), 1)
+    from cifarlab.report import class_accuracy
+
+    confusion = np.bincount(labels * num_classes + preds, minlength=num_classes ** 2)
+    return class_accuracy(confusion.reshape(num_classes, num_classes))
 
 
 # ---------------------------------------------------------------------------------------------- two runs
@@ -210,12 +212,18 @@ class Comparison:
     acc_b: float
 
 
+def check_same_classes(classes_a: list[str], classes_b: list[str], name_a: str = "A", name_b: str = "B") -> None:
+    """One-line error unless two checkpoints (named ``name_a``, ``name_b`` in it) classify the same classes."""
+    if list(classes_a) != list(classes_b):
+        raise CifarlabError(f"{name_b} classifies {', '.join(classes_b)}, but {name_a} classifies "
+                            f"{', '.join(classes_a)}: different classes; compare checkpoints trained on the same "
+                            "classes")
+
+
 def compare_runs(probs_a: np.ndarray, probs_b: np.ndarray, labels: np.ndarray, classes_a: list[str],
                  classes_b: list[str]) -> Comparison:
     """Compare two checkpoints' test probabilities ``(N, K)``; their class lists must be the same."""
-    if list(classes_a) != list(classes_b):
-        raise CifarlabError(f"the two checkpoints classify different classes ({', '.join(classes_a)} vs "
-                            f"{', '.join(classes_b)}): compare checkpoints trained on the same data")
+    check_same_classes(classes_a, classes_b)
     if probs_a.shape != probs_b.shape:
         raise CifarlabError(f"the two checkpoints were evaluated on different test sets ({len(probs_a)} vs "
                             f"{len(probs_b)} images): pass the same --data.root for both")

@@ -486,7 +486,7 @@ def report_main(argv: list[str]) -> None:
     with _app_extras():
         import cleanlab  # noqa: F401  (the data audit's label issues)
         import pytorch_grad_cam  # noqa: F401  (write_report draws CAMs)
-    from cifarlab.audit import DUPLICATE_SIMILARITY, DataAudit
+    from cifarlab.audit import DUPLICATE_SIMILARITY, DataAudit, check_same_classes
     from cifarlab.report import write_report
 
     parser = _ckpt_parser("cifarlab report", "Write an HTML report (curves, confusion matrix, mistakes + CAMs, likely "
@@ -502,10 +502,9 @@ def report_main(argv: list[str]) -> None:
         raise CifarlabError("--count takes a positive integer and --dup_threshold a similarity in (0, 1]")
     model = load_classifier(opts.ckpt)
     other = load_classifier(opts.compare) if opts.compare else None
-    if other is not None and list(other.class_names) != list(model.class_names):
-        raise CifarlabError(f"--compare {opts.compare} classifies {', '.join(other.class_names)}, but --ckpt "
-                            f"{opts.ckpt} classifies {', '.join(model.class_names)}: compare checkpoints trained on "
-                            "the same classes")
+    if other is not None:
+        check_same_classes(list(model.class_names), list(other.class_names), f"--ckpt {opts.ckpt}",
+                           f"--compare {opts.compare}")
     dm = eval_datamodule(model, opts.root, opts.source)
     test = predict_test_set(model, opts.ckpt, dm)
     data_audit = DataAudit.build(model, opts.ckpt, test, dm, opts.projection)

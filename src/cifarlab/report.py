@@ -34,10 +34,16 @@ def save_predictions(path: Path, probs: np.ndarray, labels: np.ndarray, classes:
     os.replace(tmp, path)
 
 
+def class_accuracy(confmat: np.ndarray) -> np.ndarray:
+    """Accuracy ``(K,)`` of each true class from a ``(K, K)`` confusion matrix (rows = truth; 0 for an empty row)."""
+    confmat = np.asarray(confmat)
+    return confmat.diagonal() / np.maximum(confmat.sum(1), 1)
+
+
 def metrics_from_confusion(confmat: np.ndarray, classes: list[str], test_loss: float) -> dict:
     """``test_acc``, ``test_loss`` and per-class accuracy from a ``(K, K)`` confusion matrix (rows = truth)."""
     confmat = np.asarray(confmat, dtype=np.int64)
-    per_class = confmat.diagonal() / np.maximum(confmat.sum(1), 1)
+    per_class = class_accuracy(confmat)
     return {
         "test_acc": float(confmat.diagonal().sum() / max(confmat.sum(), 1)),
         "test_loss": float(test_loss),
@@ -52,7 +58,7 @@ def plot_confusion(confmat: np.ndarray, classes: list[str], path: Path, title: s
     """Counts per (true, predicted) cell, with per-class accuracy on the y labels."""
     confmat = np.asarray(confmat)
     k = len(classes)
-    acc = confmat.diagonal() / np.maximum(confmat.sum(1), 1)
+    acc = class_accuracy(confmat)
     fig, ax = plt.subplots(figsize=(1.0 + 0.75 * k, 0.8 + 0.7 * k))
     ax.imshow(confmat, cmap="Blues")
     ax.set_xticks(range(k), classes, rotation=45, ha="right")
@@ -186,7 +192,7 @@ def write_report(model, test, ckpt_path: Path, out: Path, count: int = 32, layer
         shutil.copy(lr_plot, out / "lr_find.png")
         sections.append("<h2>LR range test</h2><img src='lr_find.png' alt='LR finder'>")
     acc = cm.diagonal().sum() / max(cm.sum(), 1)
-    per_class = cm.diagonal() / np.maximum(cm.sum(1), 1)
+    per_class = class_accuracy(cm)
     rows = "".join(f"<tr><td>{html.escape(c)}</td><td>{a:.1%}</td><td>{int(n)}</td></tr>"
                    for c, a, n in zip(classes, per_class, cm.sum(1)))
     sections.append(f"<h2>Test set: {acc:.2%} of {int(cm.sum())} images</h2>"
