@@ -113,7 +113,7 @@ def main() -> None:
     from gradio_client import Client
 
     from cifarlab import cam as cams
-    from cifarlab.inference import load_classifier
+    from cifarlab.checkpoint import load_classifier
 
     model = load_classifier(opts.ckpt)
     layer = opts.layer or next(iter(cams.target_layers(model.net)))  # the app's default

@@ -18,7 +18,8 @@ import torch
 from peer import cpu_line
 
 from cifarlab import audit
-from cifarlab.inference import eval_datamodule, load_classifier, predict_test_set
+from cifarlab.checkpoint import load_classifier
+from cifarlab.inference import eval_datamodule, predict_test_set
 
 
 def main() -> None:

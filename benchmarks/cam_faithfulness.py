@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from cifarlab import cam as cams
-from cifarlab.inference import eval_datamodule, load_classifier, predict_test_set
+from cifarlab.checkpoint import load_classifier
+from cifarlab.inference import eval_datamodule, predict_test_set
 
 
 def main() -> None:

@@ -100,7 +100,7 @@ def measure(which: str, root: str, steps: int, warmup: int, batch_size: int, val
         batch_size = batch_size or 256
         dm = CIFARDataModule(root=root, batch_size=batch_size, num_workers=path["workers"], val_size=val_size,
                              augment=AugmentConfig(backend=path["backend"]))
-        model = ImageClassifier(optimizer="adam", lr=1e-3, channels_last=path["channels_last"])
+        model = ImageClassifier(optimizer={"name": "adam", "lr": 1e-3}, channels_last=path["channels_last"])
     flops = forward_flops_per_image(model)
     timer = Timer()
     trainer = L.Trainer(max_steps=warmup + steps, limit_val_batches=0, logger=False, enable_checkpointing=False,

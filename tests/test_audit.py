@@ -98,7 +98,7 @@ def test_projection_keeps_clusters_apart(method):
 
 
 def test_features_are_the_head_input_and_cached(smoke_run, tmp_path):
-    from cifarlab.inference import load_classifier
+    from cifarlab.checkpoint import load_classifier
 
     root, _, ckpt = smoke_run
     model = load_classifier(ckpt)

@@ -213,7 +213,7 @@ def test_probe_restores_the_model_and_the_random_streams(image_folder):
 
     dm = CIFARDataModule(root=str(image_folder), batch_size=8, eval_batch_size=16, val_size=0)
     dm.setup("fit")
-    model = ImageClassifier(arch="airbench", optimizer="sgd", lr=0.1, class_names=dm.classes)
+    model = ImageClassifier(arch="airbench", optimizer={"name": "sgd", "lr": 0.1}, class_names=dm.classes)
     model.net.block1.eval()  # an odd mode, to see it kept
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -89,7 +89,7 @@ def test_lr_find_writes_plot_and_a_finite_suggestion(image_folder, tmp_path, cap
     lr = float(text.split("lr:")[1])
     assert math.isfinite(lr) and 1e-7 <= lr <= 10
     printed = capsys.readouterr().out
-    assert f"--model.lr {lr:.4g}" in printed
+    assert f"--model.optimizer.lr {lr:.4g}" in printed
 
 
 def test_lr_find_with_too_few_points_is_one_line(image_folder, capsys):
@@ -120,7 +120,9 @@ def test_bad_data_is_one_line_and_exit_2(args, message, capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--model.optimizer", "nadam"], 'Parser key "model.optimizer"'),
+    (["--model.optimizer.name", "nadam"], 'Parser key "model.optimizer.name": Expected a typing.Literal'),
+    (["--model.tta.level", "3"], 'Parser key "model.tta.level"'),
+    (["--model.lr", "0.1"], "--model.lr is --model.optimizer.lr"),  # a flag of cifarlab before 2026-11-28
     (["--trainer.max_epochs", "abc"], 'Parser key "trainer.max_epochs"'),
     (["--no_such_option", "1"], "unrecognized arguments: --no_such_option"),
     (["--model.widths", "[8,16,32]"], "has fixed widths"),  # the smoke recipe's custom ResNet
@@ -153,8 +155,8 @@ def test_airbench_recipes_train_with_whitening_and_tta(image_folder, tmp_path, r
     metrics = json.loads((version / "test_metrics.json").read_text())
     assert metrics["num_images"] == 18 and 0 <= metrics["test_acc"] <= 1
     model = ImageClassifier.load_from_checkpoint(version / "checkpoints" / "last.ckpt", map_location="cpu")
-    assert model.hparams.arch == "airbench" and model.hparams.tta_level == 2
-    assert model.hparams.optimizer == optimizer
+    assert model.hparams.arch == "airbench" and model.tta.level == 2 and model.hparams.tta == {"level": 2}
+    assert model.optim.name == optimizer and model.hparams.optimizer["name"] == optimizer
     # The whitening filters were set from the data (not left at their random init) and stayed frozen.
     w = model.net.whiten.weight
     torch.testing.assert_close(w[:12], -w[12:])
@@ -261,7 +263,7 @@ def test_confusion_matrix_and_mistakes_go_to_tensorboard(image_folder, tmp_path)
 
     # An untrained model (LR ~0) gets many test images wrong: the mistakes grid has something to show.
     main(["fit", "--config", str(SMOKE), "--data.root", str(image_folder), "--run.dir", str(tmp_path),
-          "--model.lr", "1e-9", "--trainer.limit_train_batches", "1"])
+          "--model.optimizer.lr", "1e-9", "--trainer.limit_train_batches", "1"])
     run = tmp_path / "smoke" / "version_0"
     assert json.loads((run / "test_metrics.json").read_text())["test_acc"] < 1
     images, texts = {}, set()
@@ -332,3 +334,18 @@ def test_an_unknown_option_in_a_config_file_is_one_line(tmp_path, capsys):
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown option 'port_number'" in err[0] and "port" in err[0]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["report", "--ckpt", "x.ckpt", "--projection", "umap"], "argument --projection: invalid choice: 'umap'"),
+    (["predict", "a.jpg", "--ckpt", "x.ckpt", "--top_k", "abc"], "argument --top_k: invalid int value: 'abc'"),
+    (["export"], "the following arguments are required: --ckpt"),
+    (["app", "--ckpt", "x.ckpt", "--data.source", "web"], "argument --data.source: invalid choice: 'web'"),
+    (["stats", "--num_images", "many"], "argument --num_images: invalid int value: 'many'"),
+])
+def test_bad_options_of_the_other_commands_are_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("cifarlab: error:") and message in err[0], err

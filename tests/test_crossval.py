@@ -101,9 +101,9 @@ def test_bad_audit_arguments_are_one_line(args, message, capsys):
 
 def test_each_fold_gets_its_share_of_the_budget_and_a_folder():
     folds, fit_args, base, share = audit_plan(["--config", SMOKE, "--folds=4", "--budget", "10m", "--run.dir", "x",
-                                               "--model.lr", "0.1"])
+                                               "--model.optimizer.lr", "0.1"])
     assert (folds, share, base) == (4, 150, Path("x/audit-k4"))
-    assert fit_args == ["--config", SMOKE, "--model.lr", "0.1", "--budget", "150"]
+    assert fit_args == ["--config", SMOKE, "--model.optimizer.lr", "0.1", "--budget", "150"]
 
 
 def test_only_a_finished_fold_trained_with_the_same_flags_is_reused(tmp_path):
@@ -120,7 +120,7 @@ def test_only_a_finished_fold_trained_with_the_same_flags_is_reused(tmp_path):
     run("fast", 0, ["--config", "fast.yaml"])  # another recipe's fold, in the same folder
     run("smoke", 1, ["--config", "smoke.yaml"], finished=False)  # interrupted
     assert finished_run(tmp_path, ["--config", "smoke.yaml"]) == ours
-    assert finished_run(tmp_path, ["--config", "smoke.yaml", "--model.lr", "1"]) is None
+    assert finished_run(tmp_path, ["--config", "smoke.yaml", "--model.optimizer.lr", "1"]) is None
 
 
 def test_audit_writes_out_of_sample_probabilities(audited):

@@ -16,8 +16,8 @@ import torch
 from conftest import make_image_folder
 from run_helpers import lr_by_step
 
+from cifarlab.checkpoint import load_classifier
 from cifarlab.data import CIFARDataModule
-from cifarlab.inference import load_classifier
 
 REPO = Path(__file__).resolve().parents[1]
 

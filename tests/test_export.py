@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from cifarlab.checkpoint import load_classifier
 from cifarlab.cli import main
 from cifarlab.export import export_onnx
-from cifarlab.inference import load_classifier
 from cifarlab.module import ImageClassifier
 
 ort = pytest.importorskip("onnxruntime")
@@ -46,7 +46,7 @@ def test_export_command_matches_pytorch_on_test_images(smoke_run, tmp_path, caps
 @pytest.mark.parametrize("arch, tta", [("airbench", False), ("airbench", True)])
 def test_export_of_the_fast_network_with_and_without_tta(tmp_path, arch, tta):
     torch.manual_seed(0)
-    model = ImageClassifier(arch=arch, class_names=["a", "b", "c", "d"], tta_level=2).eval()
+    model = ImageClassifier(arch=arch, class_names=["a", "b", "c", "d"], tta={"level": 2}).eval()
     with torch.no_grad():  # non-trivial BN statistics, so a wrong eval-mode export would show
         for bn in model.modules():
             if isinstance(bn, torch.nn.BatchNorm2d):

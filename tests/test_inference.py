@@ -9,9 +9,10 @@ import torch
 from conftest import make_image_folder
 from PIL import Image
 
+from cifarlab.checkpoint import load_classifier
 from cifarlab.cli import main
 from cifarlab.errors import CifarlabError
-from cifarlab.inference import ImageError, decode_upload, load_classifier, model_input, predict_test_set
+from cifarlab.inference import ImageError, decode_upload, model_input, predict_test_set
 
 
 def _png(img: Image.Image, fmt="PNG", **kw) -> bytes:
@@ -184,7 +185,7 @@ def test_predict_takes_folders_and_globs_in_batches_with_the_recipes_tta(tmp_pat
     run = tmp_path / "runs" / "fast" / "version_0"
     ckpt = next((run / "checkpoints").glob("epoch*.ckpt"))
     model = load_classifier(ckpt)
-    assert model.hparams.tta_level == 2
+    assert model.tta.level == 2
     dm = CIFARDataModule(root=str(root), val_size=0)
     dm.setup("test")
     x, _ = dm.test_set.batch(range(len(dm.test_set)))

@@ -3,11 +3,11 @@
 import torch
 
 from cifarlab.callbacks import Lookahead
-from cifarlab.module import ImageClassifier
+from cifarlab.module import ImageClassifier, OptimizerConfig
 
 
 def test_bn_parameters_get_scaled_lr_and_inverse_decay():
-    model = ImageClassifier(arch="airbench", lr=2.0, weight_decay=0.01, bn_lr_scale=64.0)
+    model = ImageClassifier(arch="airbench", optimizer=OptimizerConfig(lr=2.0, weight_decay=0.01, bn_lr_scale=64.0))
     groups = model.param_groups()
     assert len(groups) == 2
     other, bn = groups
@@ -24,11 +24,11 @@ def test_tta_levels_average_views():
     x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
     with torch.no_grad():
         plain = model(x)
-        model.hparams.tta_level = 0
+        model.hparams.tta = {"level": 0}
         torch.testing.assert_close(model.tta_logits(x), plain)
-        model.hparams.tta_level = 1
+        model.hparams.tta = {"level": 1}
         torch.testing.assert_close(model.tta_logits(x), 0.5 * (plain + model(x.flip(-1))))
-        model.hparams.tta_level = 2
+        model.hparams.tta = {"level": 2}
         assert model.tta_logits(x).shape == (2, 10)
 
 

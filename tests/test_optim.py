@@ -52,8 +52,9 @@ def test_muon_step_keeps_filter_norm_and_moves_by_lr():
 
 
 def test_muon_recipe_puts_conv_filters_in_the_muon_group():
-    model = ImageClassifier(arch="airbench", optimizer="muon", lr=1.5, muon_lr=0.24, muon_momentum=0.6,
-                            weight_decay=0.002, bn_lr_scale=64.0, cycle_momentum=False)
+    model = ImageClassifier(arch="airbench", schedule={"cycle_momentum": False},
+                            optimizer={"name": "muon", "lr": 1.5, "muon_lr": 0.24, "muon_momentum": 0.6,
+                                       "weight_decay": 0.002, "bn_lr_scale": 64.0})
     muon, other, bn = model.param_groups()
     filters = [m.weight for m in model.net.modules() if isinstance(m, torch.nn.Conv2d) and m.weight.requires_grad]
     assert muon["muon"] and muon["lr"] == 0.24 and muon["momentum"] == 0.6
@@ -64,7 +65,7 @@ def test_muon_recipe_puts_conv_filters_in_the_muon_group():
 
 def test_muon_with_cycled_momentum_is_refused():
     with pytest.raises(ConfigError, match="cycle_momentum"):
-        ImageClassifier(arch="airbench", optimizer="muon", cycle_momentum=True)
+        ImageClassifier(arch="airbench", optimizer={"name": "muon"}, schedule={"cycle_momentum": True})
 
 
 def test_whitening_bias_learns_with_the_bn_biases_and_its_lr_decays_to_zero(image_folder):
@@ -74,9 +75,10 @@ def test_whitening_bias_learns_with_the_bn_biases_and_its_lr_decays_to_zero(imag
     from cifarlab.data import CIFARDataModule
 
     dm = CIFARDataModule(root=str(image_folder), batch_size=24, eval_batch_size=16, val_size=0)  # 72 images: 3 steps
-    model = ImageClassifier(arch="airbench", optimizer="muon", lr=0.5, bn_lr_scale=64.0, whiten_bias_lr_scale=64.0,
-                            whiten_bias_decay=True, whiten_bias_epochs=2, cycle_momentum=False, pct_start=0.0,
-                            div_factor=1.0, final_div_factor=10.0, class_names=dm.class_names)
+    model = ImageClassifier(
+        arch="airbench", optimizer={"name": "muon", "lr": 0.5, "bn_lr_scale": 64.0}, class_names=dm.class_names,
+        whitening={"bias_lr_scale": 64.0, "bias_decay": True, "bias_epochs": 2},
+        schedule={"cycle_momentum": False, "pct_start": 0.0, "div_factor": 1.0, "final_div_factor": 10.0})
 
     class Record(L.Callback):
         rows: list = []
@@ -102,5 +104,5 @@ def test_whitening_bias_learns_with_the_bn_biases_and_its_lr_decays_to_zero(imag
 
 
 def test_whitening_bias_stays_with_the_head_by_default():
-    groups = ImageClassifier(arch="airbench", optimizer="sgd").param_groups()
+    groups = ImageClassifier(arch="airbench", optimizer={"name": "sgd"}).param_groups()
     assert len(groups) == 2 and not any(g.get("whiten_bias") for g in groups)  # older checkpoints' layout

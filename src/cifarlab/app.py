@@ -6,6 +6,7 @@ Named API endpoints (see the README): ``/classify``, ``/mistakes``, ``/correct``
 ``/near_duplicates``, ``/embedding_near`` and, with ``--compare``, ``/compare``.
 """
 
+# ruff: noqa: E402  (the environment is set before the imports that read it)
 from __future__ import annotations
 
 import os
@@ -14,20 +15,21 @@ import os
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import hashlib  # noqa: E402
-import io  # noqa: E402
-import tempfile  # noqa: E402
-from pathlib import Path  # noqa: E402
+import hashlib
+import io
+import tempfile
+from pathlib import Path
 
-import gradio as gr  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from gradio.utils import get_upload_folder  # noqa: E402
-from PIL import Image  # noqa: E402
+import gradio as gr
+import numpy as np
+import torch
+from gradio.utils import get_upload_folder
+from PIL import Image
 
-from cifarlab import audit  # noqa: E402
-from cifarlab import cam as cams  # noqa: E402
-from cifarlab.inference import (  # noqa: E402
+from cifarlab import audit
+from cifarlab import cam as cams
+from cifarlab.checkpoint import load_classifier
+from cifarlab.inference import (
     DECODE_MIN_SIZE,
     MAX_IMAGE_BYTES,
     ImageError,
@@ -35,12 +37,11 @@ from cifarlab.inference import (  # noqa: E402
     classify,
     decode_upload,
     eval_datamodule,
-    load_classifier,
     model_input,
     predict_test_set,
 )
-from cifarlab.report import class_accuracy, plot_confusion, plot_embedding  # noqa: E402
-from cifarlab.runs import Run  # noqa: E402
+from cifarlab.report import class_accuracy, plot_confusion, plot_embedding
+from cifarlab.runs import Run
 
 PANEL = 224  # pixels: side of each image panel (the 32x32 input upscaled 7x)
 THUMB = 128  # pixels: gallery thumbnails

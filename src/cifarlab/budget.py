@@ -345,7 +345,7 @@ class TimeBudget(L.Callback):
                                  steps_per_epoch=steps_per_epoch,
                                  val_images=len(dm.val_set or []) // trainer.world_size,
                                  test_images=len(dm.test_set) // trainer.world_size,
-                                 eval_batch_size=dm.eval_batch_size, tta_level=pl_module.hparams.tta_level,
+                                 eval_batch_size=dm.eval_batch_size, tta_level=pl_module.tta.level,
                                  crop_fraction=self.crop_fraction, whole_epochs=self.whole_epochs,
                                  batch_size=dm.batch_size * trainer.world_size)
             except ConfigError as err:

@@ -17,6 +17,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from cifarlab import report
+from cifarlab.runs import LAST
 
 
 class TestReport(L.Callback):
@@ -128,7 +129,7 @@ class InterruptCheckpoint(L.Callback):
     truncated ``last.ckpt``. (Lightning's ``OnExceptionCheckpoint`` needs its folder before the run folder
     exists, saves on any error, NaN losses included, and writes in place.)"""
 
-    def __init__(self, filename: str = "last"):
+    def __init__(self, filename: str = LAST):
         self.filename = filename
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
@@ -248,3 +249,9 @@ class Lookahead(L.Callback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.slow = state_dict["slow"]
+
+
+def last_checkpoint() -> ModelCheckpoint:
+    """Writes ``last.ckpt`` after every epoch. (Lightning 2.6's ``save_last=True`` only refreshes it when a
+    top-k checkpoint is saved, so a run whose best epoch is not its final one would have a stale "last".)"""
+    return ModelCheckpoint(filename=LAST, monitor=None, save_top_k=1, enable_version_counter=False)

@@ -1,7 +1,7 @@
 """The ``cifarlab`` command.
 
   cifarlab stats    [--config RECIPE] [--data.root DIR]    mean/std of the training split + augmentation preview
-  cifarlab lr-find  --config RECIPE [--num_iter 200] ...     LR range test -> plot + suggested --model.lr
+  cifarlab lr-find  --config RECIPE [--num_iter 200] ...     LR range test -> plot + suggested LR
   cifarlab fit      --config RECIPE [--data.root DIR] ...    train, then test the best checkpoint
   cifarlab validate|test --config RECIPE --ckpt_path PATH
   cifarlab app      --ckpt PATH [--data.root DIR] [--host 127.0.0.1] [--port 7860]   Grad-CAM web app
@@ -10,39 +10,37 @@
   cifarlab export   --ckpt PATH --format onnx [--out FILE]    a model for onnxruntime (preprocessing inside)
   cifarlab audit    --config RECIPE --folds K [fit flags]     K-fold out-of-sample probabilities of the training set
 
-fit/validate/test are LightningCLI's: every typed ``__init__`` argument of ``ImageClassifier``,
-``CIFARDataModule`` and ``Trainer`` is a flag (``--model.lr``, ``--data.batch_size``, ``--trainer.max_epochs``).
+fit/validate/test are LightningCLI's: every typed ``__init__`` argument of ``ImageClassifier``, ``CIFARDataModule``
+and ``Trainer`` is a flag (``--model.optimizer.lr``, ``--data.batch_size``, ``--trainer.max_epochs``).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import os
+import re
 import signal
 import sys
 import time
 import warnings
 from pathlib import Path
 
-from jsonargparse import set_parsing_settings
-from lightning.fabric.loggers.logger import rank_zero_experiment
+from jsonargparse import ArgumentError, set_parsing_settings
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ModelSummary
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from cifarlab.budget import budget_callback, process_start_time
-from cifarlab.callbacks import EpochSpeed, InterruptCheckpoint, RNGState, TestReport
+from cifarlab.callbacks import EpochSpeed, InterruptCheckpoint, RNGState, TestReport, last_checkpoint
 from cifarlab.data import CIFARDataModule
 from cifarlab.errors import CifarlabError
+from cifarlab.loggers import run_loggers
 from cifarlab.memory import tune_malloc
 from cifarlab.module import ImageClassifier
 from cifarlab.precision import choose_precision
 from cifarlab.recipes import resolve_config_args
-from cifarlab.runs import LAST, Run, check_writable, latest_checkpoint, lr_find_dir, next_version
+from cifarlab.runs import LAST, Run, claim_version, lr_find_dir, resolve_last, run_root
 from cifarlab.signals import StopOnSignal, peer_failure, received_signal
 
 
@@ -52,17 +50,61 @@ class OneLineErrorParser(LightningArgumentParser):
     def error(self, message: str, ex: Exception | None = None):
         if not self.exit_on_error:  # parsing inside a program (tests, debug mode): let the caller see the error
             return super().error(message, ex)
-        lines = [line.strip() for line in str(message).splitlines() if line.strip()]
-        summary = " ".join(lines[:3]) + (" ..." if len(lines) > 3 else "")  # unions list every type tried
+        summary = summarize_parse_error(str(message))
+        summary += _legacy_hint(summary)
         prog = self.prog.replace(" [options]", "")
         sys.stderr.write(f"cifarlab: error: {summary} (`{prog} --help` lists the options)\n")
         self.exit(2)
+
+
+def summarize_parse_error(message: str) -> str:
+    """jsonargparse's error as one line: for a field of a settings group (a union with None), the field and what it
+    expects (``Parser key "model.tta.level": Expected a typing.Literal[0, 1, 2]. Got value: 3``), not every type
+    the union tried."""
+    lines = [line.strip().removeprefix("- ") for line in message.splitlines() if line.strip()]
+    keys = []
+    for line in lines:
+        key = re.match(r'Parser key "([^"]+)"', line)
+        if key:
+            keys.append(key.group(1))
+        elif (line.startswith("Expected") and "NoneType" not in line or "is not accepted" in line) and keys:
+            return f'Parser key "{".".join(keys)}": {line}'
+    return " ".join(lines[:3]) + (" ..." if len(lines) > 3 else "")
+
+
+class CommandParser(argparse.ArgumentParser):
+    """argparse for the commands that are not LightningCLI's (app, predict, report, export, and the extra options of
+    stats and lr-find): a bad option is one line on stderr, as for fit, not the usage above it."""
+
+    def error(self, message: str):
+        self.exit(2, f"cifarlab: error: {message} (`{self.prog} --help` lists the options)\n")
+
+
+def _legacy_hint(message: str) -> str:
+    """A hint when the error names a model argument that moved into a settings group (cifarlab before 2026-11-28's flat
+    ``--model.lr``, ``model: {optimizer: muon}`` in an old recipe)."""
+    from cifarlab.module import LEGACY_NAMES
+
+    flat = re.findall(r"model\.(\w+)(?![.\w])", message)  # a flag, or a string where a group belongs
+    if "Group 'model' does not accept option" in message:  # a flat key in a YAML file (an old suggested_lr.yaml)
+        flat += re.findall(r"option '(\w+)'", message)
+    if "is not accepted" in message:
+        return ""  # an unknown field inside a group: the message names it
+    moved = [name for name in flat if name in LEGACY_NAMES]
+    if not moved:
+        return ""
+    group, field = LEGACY_NAMES[moved[0]]
+    return (f"; model settings are grouped now: --model.{moved[0]} is --model.{group}.{field} "
+            "(`cifarlab fit --config fast --print_config` shows a recipe's layout)")
 
 
 class CifarLabCLI(LightningCLI):
     """LightningCLI with a run directory per run, checkpoint defaults, and a test of the best model after fit."""
 
     def __init__(self, **kwargs):
+        self.ckpt = None  # the --ckpt_path Checkpoint, read while parsing
+        self.resume_version: int | None = None  # the run version `fit --ckpt_path last` continues
+        self.budget = None  # the --budget callback
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("trainer_defaults", {
             "callbacks": [LearningRateMonitor(logging_interval="step"), ModelSummary(max_depth=3),
@@ -97,31 +139,32 @@ class CifarLabCLI(LightningCLI):
         parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
 
     def _parse_ckpt_path(self) -> None:
-        # LightningCLI reads a --ckpt_path's hyperparameters into the model's config here. Read it safely first: a
-        # pickle payload or a non-checkpoint is a one-line error, and `fit` refuses to continue another network.
-        from cifarlab.inference import describe_model, read_checkpoint
+        # LightningCLI reads a --ckpt_path's hyperparameters into the model's configuration here, straight from the
+        # file. Read it through Checkpoint instead: a pickle payload or a non-checkpoint is a one-line error, `fit`
+        # refuses to continue another network, and checkpoints written with flat model arguments still load.
+        from cifarlab.checkpoint import Checkpoint
 
         sub = self.config.get("subcommand")
         ckpt_path = self.config[sub].get("ckpt_path") if sub else None
-        if ckpt_path and ckpt_path != "last" and Path(ckpt_path).expanduser().is_file():
-            self._checkpoint = (ckpt_path, read_checkpoint(ckpt_path))  # reused by _check_checkpoint
-            hparams = self._checkpoint[1]["hyper_parameters"]
-            wanted = self.config[sub].get("model.arch")
-            if sub == "fit" and hparams.get("arch") != wanted:
-                raise CifarlabError(f"checkpoint {ckpt_path} holds another network ({describe_model(hparams)}); "
-                                    f"this run builds arch={wanted}: pass the recipe it was trained with, "
-                                    "or train anew without --ckpt_path")
-        super()._parse_ckpt_path()
+        self.ckpt = None
+        if not ckpt_path or ckpt_path == "last" or not Path(ckpt_path).expanduser().is_file():
+            return
+        self.ckpt = Checkpoint.read(ckpt_path)
+        if sub == "fit":
+            self.ckpt.check_arch(self.config[sub].get("model.arch"))
+        hparams = {k: v for k, v in self.ckpt.hparams.items() if k != "class_names"}  # linked from the data
+        exit_on_error, self.parser.exit_on_error = self.parser.exit_on_error, False
+        try:
+            self.config = self.parser.parse_object({sub: {"model": hparams}}, self.config)
+        except ArgumentError as err:
+            raise CifarlabError(f"--ckpt_path {ckpt_path}: its model settings do not fit this cifarlab version "
+                                f"({summarize_parse_error(str(err))})") from None
+        finally:
+            self.parser.exit_on_error = exit_on_error
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
-        root_dir = config["trainer"].get("default_root_dir")
-        if root_dir is not None:
-            # Where every Lightning user puts a run: it is cifarlab's --run.dir (runs go to <dir>/<run.name>/).
-            if config["run"]["dir"] not in ("runs", root_dir):
-                raise CifarlabError(f"--trainer.default_root_dir {root_dir} and --run.dir {config['run']['dir']} "
-                                    "both say where the run goes: pass one of them")
-            config["run"]["dir"] = root_dir
+        config["run"]["dir"] = run_root(config["run"]["dir"], config["trainer"].get("default_root_dir"))
         if config["trainer"].get("precision") is None:
             # Recipes leave precision to the machine: bf16 where it is native, fp32 on CPUs that only emulate it.
             choice = choose_precision(config["trainer"].get("accelerator"))
@@ -133,68 +176,50 @@ class CifarLabCLI(LightningCLI):
             raise CifarlabError(f"--data.val_size 0 leaves nothing to validate, so --checkpoint.monitor "
                                 f"{config['checkpoint']['monitor']} has no value to choose by: add "
                                 "--checkpoint.monitor null (test the final weights) or hold images out")
-        # A missing --ckpt_path would otherwise surface as Lightning's traceback after the run has started.
-        ckpt = config.get("ckpt_path")
-        self._resume_version = None
-        if ckpt == "last":
-            # Lightning looks for "last" in the new run's own (empty) folder: look in the run's earlier versions.
-            run_root = Path(config["run"]["dir"]) / config["run"]["name"]
-            found = latest_checkpoint(run_root)
-            if found is None:
-                raise CifarlabError(f"--ckpt_path last: no checkpoint under {run_root}/version_*/checkpoints/: "
-                                    "start the run without --ckpt_path (or pass the --run.dir/--run.name it used)")
-            config["ckpt_path"] = str(found)
-            if self.subcommand == "fit":
-                self._resume_version = Run(found.parent.parent).version  # log into the same run
-        elif ckpt and ckpt not in ("best", "hpc", "registry") and not Path(ckpt).expanduser().is_file():
-            raise CifarlabError(f"--ckpt_path {ckpt} not found: pass a .ckpt written by `cifarlab fit`, or 'last'")
-        self._budget = budget_callback(config, self.subcommand, _COMMAND_START or time.time())
         if self.subcommand == "validate" and config["data"].get("val_size") == 0:
             raise CifarlabError("--data.val_size 0 holds no image out to validate on: pass --data.val_size N "
                                 "(or use `cifarlab test`)")
         if not config["checkpoint"].get("monitor") and config["checkpoint"].get("filename") == CKPT_NAME:
             config["checkpoint"]["filename"] = "epoch{epoch:02d}"  # no metric to put in the name
+        if "weights_only" in config:
+            config["weights_only"] = True  # Lightning's own loading of --ckpt_path: tensors and plain data, no pickles
+        ckpt = config.get("ckpt_path")
+        self.resume_version = None
+        if ckpt == "last":
+            config["ckpt_path"] = str(resolve_last(Path(config["run"]["dir"]) / config["run"]["name"]))
+            if self.subcommand == "fit":
+                self.resume_version = Run.of_checkpoint(config["ckpt_path"]).version  # log into the same run
+        elif ckpt and ckpt not in ("best", "hpc", "registry") and not Path(ckpt).expanduser().is_file():
+            # Now, not as Lightning's traceback after the run has started.
+            raise CifarlabError(f"--ckpt_path {ckpt} not found: pass a .ckpt written by `cifarlab fit`, or 'last'")
+        self.budget = budget_callback(config, self.subcommand, _COMMAND_START or time.time())
 
     def _check_checkpoint(self) -> None:
         """Refuse, in one line and before anything runs, a checkpoint with pickled objects or another network."""
-        from cifarlab.inference import check_fits, read_checkpoint
+        from cifarlab.checkpoint import Checkpoint
 
         ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
         if ckpt_path and Path(ckpt_path).expanduser().is_file():
-            read = getattr(self, "_checkpoint", None)  # already read by _parse_ckpt_path, unless it was "last"
-            ckpt = read[1] if read and read[0] == ckpt_path else read_checkpoint(ckpt_path)
-            check_fits(ckpt, self.model, ckpt_path)
+            read_already = self.ckpt is not None and self.ckpt.path == Path(ckpt_path).expanduser()  # not "last"
+            (self.ckpt if read_already else Checkpoint.read(ckpt_path)).check_fits(self.model)
 
     before_fit = before_validate = before_test = _check_checkpoint
-
-    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:
-        kwargs = super()._prepare_subcommand_kwargs(subcommand)
-        if "weights_only" in self._subcommand_method_arguments[subcommand]:
-            kwargs["weights_only"] = True  # Lightning's own loading: tensors and plain data only, never pickles
-        return kwargs
 
     def instantiate_trainer(self, **kwargs):
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
         logger = config["trainer"].get("logger")
-        if self.subcommand in ("fit", "validate", "test", "predict") and logger is not False:
-            # TensorBoard and CSV logs, checkpoints, config and report share one run directory.
+        if self.subcommand in ("fit", "validate", "test") and logger is not False:
+            # TensorBoard and CSV logs, checkpoints, config and report share one run directory; loggers the user
+            # adds (W&B, MLflow, ...) come after these.
             root, name = Path(config["run"]["dir"]), config["run"]["name"]
-            resume = getattr(self, "_resume_version", None) if self.subcommand == "fit" else None
-            version = next_version(root / name) if resume is None else resume
-            if os.environ.get("LOCAL_RANK", "0") != "0" and RUN_VERSION_ENV in os.environ:
-                version = int(os.environ[RUN_VERSION_ENV])  # a DDP worker launched by rank 0: its folder
-            os.environ[RUN_VERSION_ENV] = str(version)  # inherited by the DDP workers Lightning starts later
-            check_writable(root / name)  # now, not when the first checkpoint is due
-            # Loggers the user adds (W&B, MLflow, ...) come after these: the run directory (the first logger's),
-            # metrics.csv, curves.png and --ckpt_path last keep working.
+            version = claim_version(root / name, self.resume_version if self.subcommand == "fit" else None)
             extra = [] if logger in (None, True) else list(logger) if isinstance(logger, (list, tuple)) else [logger]
-            kwargs["logger"] = [TensorBoardLogger(root, name=name, version=version, default_hp_metric=False),
-                                KeepingCSVLogger(root, name=name, version=version), *extra]
+            kwargs["logger"] = run_loggers(root, name, version, extra)
         elif self.subcommand is None:
             kwargs.setdefault("logger", False)  # stats / lr-find: no run directory
         trainer = super().instantiate_trainer(**kwargs)
-        if getattr(self, "_budget", None) is not None:
-            trainer.callbacks.insert(0, self._budget)  # before the checkpoint callbacks, as Lightning orders them
+        if self.budget is not None:
+            trainer.callbacks.insert(0, self.budget)  # before the checkpoint callbacks, as Lightning orders them
         return trainer
 
     def after_fit(self) -> None:
@@ -208,34 +233,6 @@ class CifarLabCLI(LightningCLI):
 
 CKPT_NAME = "epoch{epoch:02d}-val_acc{val_acc:.4f}"  # the best checkpoint's name, when chosen on val_acc
 _COMMAND_START: float | None = None  # when this command started (time.time()), for --budget
-RUN_VERSION_ENV = "CIFARLAB_RUN_VERSION"
-
-
-def last_checkpoint() -> ModelCheckpoint:
-    """Writes ``last.ckpt`` after every epoch. (Lightning 2.6's ``save_last=True`` only refreshes it when a
-    top-k checkpoint is saved, so a run whose best epoch is not its final one would have a stale "last".)"""
-    return ModelCheckpoint(filename=LAST, monitor=None, save_top_k=1, enable_version_counter=False)
-
-
-class _KeepingWriter(ExperimentWriter):
-    """Lightning's CSV writer deletes an existing ``metrics.csv``; a resumed run appends to it instead."""
-
-    def _check_log_dir_exists(self) -> None:
-        if self._fs.isfile(self.metrics_file_path):
-            with self._fs.open(self.metrics_file_path, "r", newline="") as file:
-                self.metrics_keys = next(csv.reader(file), [])
-
-
-class KeepingCSVLogger(CSVLogger):
-    """``CSVLogger`` that keeps the rows already in ``metrics.csv`` (see ``_KeepingWriter``)."""
-
-    @property
-    @rank_zero_experiment
-    def experiment(self) -> ExperimentWriter:
-        if self._experiment is None:
-            self._fs.makedirs(self.root_dir, exist_ok=True)
-            self._experiment = _KeepingWriter(log_dir=self.log_dir)
-        return self._experiment
 
 
 def _parse_extra(extra: argparse.ArgumentParser, argv: list[str]):
@@ -251,7 +248,7 @@ def stats_main(argv: list[str]) -> None:
 
     from cifarlab.report import save_image_grid
 
-    extra = argparse.ArgumentParser(prog="cifarlab stats", add_help=False,
+    extra = CommandParser(prog="cifarlab stats", add_help=False,
                                     description="Options of `cifarlab stats` (then the recipe's, below):")
     extra.add_argument("--out", default=None, help="Where to write augmentations.png (default <run.dir>/stats).")
     extra.add_argument("--num_images", type=int, default=32, help="Images in the preview grid.")
@@ -278,7 +275,7 @@ def lr_find_main(argv: list[str]) -> None:
     """``cifarlab lr-find``: LR range test on the recipe's model and data."""
     from cifarlab.lr_find import lr_range_test
 
-    extra = argparse.ArgumentParser(prog="cifarlab lr-find", add_help=False,
+    extra = CommandParser(prog="cifarlab lr-find", add_help=False,
                                     description="Options of `cifarlab lr-find` (then the recipe's, below):")
     extra.add_argument("--min_lr", type=float, default=1e-7, help="First LR of the sweep.")
     extra.add_argument("--max_lr", type=float, default=10.0, help="Last LR of the sweep.")
@@ -289,7 +286,7 @@ def lr_find_main(argv: list[str]) -> None:
     out = Path(opts.out or lr_find_dir(cli.config["run"]["dir"], cli.config["run"]["name"]))
     result = lr_range_test(cli.trainer, cli.model, cli.datamodule, out, opts.min_lr, opts.max_lr, opts.num_iter)
     print(f"suggested max LR: {result['lr']:.4g}  (plot: {result['plot']})")
-    print(f"train with it:    cifarlab fit {' '.join(rest)} --model.lr {result['lr']:.4g}")
+    print(f"train with it:    cifarlab fit {' '.join(rest)} --model.optimizer.lr {result['lr']:.4g}")
     print(f"              or: cifarlab fit {' '.join(rest)} --config {result['config']}")
 
 
@@ -368,7 +365,7 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: list[str]) -> argpa
 
 
 def _ckpt_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser = CommandParser(prog=prog, description=description)
     parser.add_argument("--ckpt", required=True, help="A checkpoint written by `cifarlab fit`.")
     parser.add_argument("--data.root", dest="root", default=None,
                         help="Test data (ImageFolder root); default: the data the checkpoint was trained on.")
@@ -412,18 +409,11 @@ def predict_main(argv: list[str]) -> None:
 
     import torch
 
-    from cifarlab.inference import (
-        DECODE_MIN_SIZE,
-        ImageError,
-        classify,
-        decode_upload,
-        expand_images,
-        load_classifier,
-        model_input,
-    )
+    from cifarlab.checkpoint import load_classifier
+    from cifarlab.inference import expand_images, predict_images
 
-    parser = argparse.ArgumentParser(prog="cifarlab predict", description="Classify images (JSON lines, with the "
-                                     "recipe's test-time augmentation).")
+    parser = CommandParser(prog="cifarlab predict", description="Classify images (JSON lines, with the "
+                           "recipe's test-time augmentation).")
     parser.add_argument("images", nargs="*", help="Image files, folders (searched recursively) or globs ('*.jpg').")
     parser.add_argument("--ckpt", required=True, help="A checkpoint written by `cifarlab fit`.")
     parser.add_argument("--top_k", type=int, default=3)
@@ -445,43 +435,17 @@ def predict_main(argv: list[str]) -> None:
     failed = len(missing)
     for pattern in missing:
         print(json.dumps({"image": pattern, "error": "no such file, or no image in that folder or glob"}), flush=True)
-
-    def flush(pending: list[tuple[str, torch.Tensor | str]]) -> None:
-        # One forward pass for the decoded images; every line printed in the order the images were given.
-        decoded = [x for _, x in pending if isinstance(x, torch.Tensor)]
-        top = torch.topk(classify(model, torch.cat(decoded)), min(opts.top_k, len(model.class_names))) \
-            if decoded else None
-        row = 0
-        for path, x in pending:
-            if isinstance(x, str):
-                print(json.dumps({"image": path, "error": x}), flush=True)
-                continue
-            values, indices = top.values[row].tolist(), top.indices[row].tolist()
-            row += 1
-            print(json.dumps({"image": path, "top_k": [{"class": model.class_names[i], "prob": round(float(p), 5)}
-                                                       for p, i in zip(values, indices)]}), flush=True)
-
-    pending: list[tuple[str, torch.Tensor | str]] = []
-    in_batch = 0
-    for path in paths:
-        try:
-            pending.append((path, model_input(decode_upload(path, min_size=DECODE_MIN_SIZE))))
-            in_batch += 1
-        except (ImageError, OSError) as err:
-            failed += 1
-            pending.append((path, str(err)))
-        if in_batch == opts.batch_size:
-            flush(pending)
-            pending, in_batch = [], 0
-    if pending:
-        flush(pending)
+    for record in predict_images(model, paths, opts.top_k, opts.batch_size):
+        failed += "error" in record
+        print(json.dumps(record), flush=True)
     if failed:
         raise SystemExit(1)
 
 
 def report_main(argv: list[str]) -> None:
     """``cifarlab report``: a self-contained HTML report folder for a checkpoint."""
-    from cifarlab.inference import eval_datamodule, load_classifier, predict_test_set
+    from cifarlab.checkpoint import load_classifier
+    from cifarlab.inference import eval_datamodule, predict_test_set
 
     with _app_extras():
         import cleanlab  # noqa: F401  (the data audit's label issues)
@@ -517,10 +481,10 @@ def report_main(argv: list[str]) -> None:
 
 def export_main(argv: list[str]) -> None:
     """``cifarlab export``: the checkpoint as an ONNX model (uint8 images in, probabilities out)."""
+    from cifarlab.checkpoint import load_classifier
     from cifarlab.export import export_onnx
-    from cifarlab.inference import load_classifier
 
-    parser = argparse.ArgumentParser(prog="cifarlab export", description="Export a checkpoint for deployment.")
+    parser = CommandParser(prog="cifarlab export", description="Export a checkpoint for deployment.")
     parser.add_argument("--ckpt", required=True, help="A checkpoint written by `cifarlab fit`.")
     parser.add_argument("--format", default="onnx", choices=["onnx"], help="Only ONNX for now.")
     parser.add_argument("--out", default=None, help="Output file (default: beside the checkpoint, .onnx).")

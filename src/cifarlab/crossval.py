@@ -144,8 +144,8 @@ def write_train_oof(cache_dir: Path, recipe: str, probs: np.ndarray, labels: np.
 def fold_data(ckpt: Path):
     """``(model, datamodule, training split)`` of a fold's checkpoint: the data rebuilt from its hyperparameters (its
     root, split seed and folds), read as it is now."""
+    from cifarlab.checkpoint import load_classifier
     from cifarlab.data import CIFARDataModule
-    from cifarlab.inference import load_classifier
 
     model = load_classifier(ckpt)
     settings = {k: v for k, v in model.datamodule_hparams.items() if k != "augment" and not k.startswith("_")}

@@ -65,6 +65,6 @@ def export_onnx(model, out: str | Path, tta: bool = False, opset: int = 18) -> P
 def _metadata(model, tta: bool) -> dict[str, str]:
     hp = model.hparams
     return {"class_names": json.dumps(list(model.class_names)), "preprocessing": PREPROCESSING,
-            "arch": str(hp.get("arch")), "tta_level": str(hp.get("tta_level", 0) if tta else 0),
+            "arch": str(hp.get("arch")), "tta_level": str(model.tta.level if tta else 0),
             "mean": json.dumps([round(float(v), 6) for v in model.normalize.mean]),
             "std": json.dumps([round(float(v), 6) for v in model.normalize.std]), "producer": "cifarlab"}

@@ -1,4 +1,4 @@
-"""Inference outside training: safe checkpoint loading, decoding any user image, cached test-set predictions.
+"""Inference outside training: the data to evaluate on, decoding any user image, cached test-set predictions.
 
 Shared by ``cifarlab predict``, ``cifarlab report`` and the app, so they all see exactly what the model saw
 in training: images become ``(3, 32, 32)`` uint8 through ``transforms.pil_to_uint8`` and the model normalises.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
-import pickle
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,74 +30,7 @@ class ImageError(CifarlabError):
     """An input image that cannot be classified (not an image, truncated, too large, ...)."""
 
 
-# ---------------------------------------------------------------------------------------------- checkpoints
-def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """Load a cifarlab checkpoint as plain data, without unpickling arbitrary objects.
-
-    ``torch.load(weights_only=True)`` only accepts tensors and plain containers, so a crafted checkpoint
-    carrying a pickle payload is refused (a ``CifarlabError``) before any of its code can run.
-    """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise CifarlabError(f"checkpoint {path} not found: pass the .ckpt of a run, e.g. "
-                            "--ckpt runs/seed/version_0/checkpoints/last.ckpt")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
-        if "Unsupported global" not in str(err):  # no code reference refused: bytes of something else
-            raise CifarlabError(f"{path} is not a readable PyTorch checkpoint (UnpicklingError): "
-                                "pass a .ckpt file written by `cifarlab fit`") from None
-        # torch names the refused global in its message ("Unsupported global: GLOBAL exec ..."): show that line.
-        first = next(ln.strip() for ln in str(err).splitlines() if "Unsupported global" in ln)
-        raise CifarlabError(f"refusing to load {path}: it holds pickled objects, not only weights and plain data "
-                            f"({first[:160]}); load checkpoints written by cifarlab only") from None
-    except Exception as err:  # torch.load raises anything from KeyError to RuntimeError on a non-checkpoint
-        raise CifarlabError(f"{path} is not a readable PyTorch checkpoint ({type(err).__name__}): "
-                            "pass a .ckpt file written by `cifarlab fit`") from None
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
-        raise CifarlabError(f"{path} is not a cifarlab checkpoint (no state_dict/hyper_parameters): "
-                            "pass a .ckpt file written by `cifarlab fit`")
-    return ckpt
-
-
-def describe_model(hparams: dict) -> str:
-    """``arch=airbench, 10 classes``: what a checkpoint or a configuration builds."""
-    names = hparams.get("class_names")
-    return f"arch={hparams.get('arch')}, {len(names) if names else hparams.get('num_classes')} classes"
-
-
-def check_fits(ckpt: dict, model, path: str | Path) -> None:
-    """One-line error unless ``ckpt``'s weights have exactly the names and shapes of ``model``'s."""
-    own = model.state_dict()
-    theirs = ckpt["state_dict"]
-    bad = sorted(set(own) ^ set(theirs)) or [k for k in own if tuple(own[k].shape) != tuple(theirs[k].shape)]
-    if bad:
-        raise CifarlabError(f"checkpoint {path} holds another network ({describe_model(ckpt['hyper_parameters'])}; "
-                            f"this run builds {describe_model(dict(model.hparams))}; first mismatch: {bad[0]}): "
-                            "pass the recipe it was trained with, or train anew without --ckpt_path")
-
-
-def load_classifier(path: str | Path, map_location: str | torch.device = "cpu"):
-    """Rebuild an ``ImageClassifier`` from a checkpoint alone (see ``read_checkpoint``: no pickle payloads)."""
-    from cifarlab.module import ImageClassifier
-
-    ckpt = read_checkpoint(path, map_location)
-    # Keys with a leading underscore are Lightning's bookkeeping (e.g. LightningCLI's ``_instantiator``).
-    hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if not k.startswith("_")}
-    try:
-        model = ImageClassifier(**hparams)
-    except (TypeError, ValueError) as err:
-        raise CifarlabError(f"{path} was written for another model ({err}): it cannot be rebuilt by this "
-                            "cifarlab version") from None
-    try:
-        model.load_state_dict(ckpt["state_dict"])
-    except RuntimeError as err:
-        detail = str(err).strip().splitlines()[0]
-        raise CifarlabError(f"the weights in {path} do not fit its own model ({detail[:160]})") from None
-    model.datamodule_hparams = dict(ckpt.get("datamodule_hyper_parameters", {}))  # where it was trained
-    return model.eval()
-
-
+# ---------------------------------------------------------------------------------------------- data
 def eval_datamodule(model, root: str | None = None, source: str = "auto", required: bool = True):
     """The data a checkpoint is evaluated on: ``root`` if given, else the data it was trained on.
 
@@ -230,6 +163,41 @@ def expand_images(patterns: list[str]) -> tuple[list[str], list[str]]:
     return found, missing
 
 
+
+def predict_images(model, paths: list[str], top_k: int = 3, batch_size: int = 64) -> Iterator[dict]:
+    """Top-k classes of image files, ``batch_size`` per forward pass with the recipe's TTA, in the order given:
+    ``{"image": path, "top_k": [{"class": name, "prob": p}, ...]}``, or ``{"image": path, "error": why}`` for a file
+    that cannot be read. Yields each batch's records as soon as it is done."""
+    k = min(top_k, len(model.class_names))
+
+    def done(pending: list[tuple[str, torch.Tensor | str]]) -> Iterator[dict]:
+        decoded = [x for _, x in pending if isinstance(x, torch.Tensor)]
+        top = torch.topk(classify(model, torch.cat(decoded)), k) if decoded else None
+        row = 0
+        for path, x in pending:
+            if isinstance(x, str):
+                yield {"image": path, "error": x}
+                continue
+            values, indices = top.values[row].tolist(), top.indices[row].tolist()
+            row += 1
+            yield {"image": path, "top_k": [{"class": model.class_names[i], "prob": round(float(p), 5)}
+                                            for p, i in zip(values, indices)]}
+
+    pending: list[tuple[str, torch.Tensor | str]] = []
+    decoded = 0
+    for path in paths:
+        try:
+            pending.append((path, model_input(decode_upload(path, min_size=DECODE_MIN_SIZE))))
+            decoded += 1
+        except (ImageError, OSError) as err:
+            pending.append((path, str(err)))
+        if decoded == batch_size:
+            yield from done(pending)
+            pending, decoded = [], 0
+    if pending:
+        yield from done(pending)
+
+
 # ---------------------------------------------------------------------------------------------- test set
 @dataclass
 class Predictions:
@@ -264,7 +232,7 @@ def predict_test_set(model, ckpt_path: str | Path, datamodule, batch_size: int =
     images, labels = test.images, test.labels.numpy()
     ckpt_path = Path(ckpt_path).resolve()
     run_file = Run.of_checkpoint(ckpt_path).test_predictions
-    tta = model.hparams.get("tta_level", 0)  # in the name: files from before TTA was applied here are not reused
+    tta = model.tta.level  # in the name: files from before TTA was applied here are not reused
     cache_file = datamodule.cache_dir / f"predictions-tta{tta}-{checkpoint_key(ckpt_path)}-{len(labels)}.npz"
     for candidate in (run_file, cache_file):
         if candidate.exists():

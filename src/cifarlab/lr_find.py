@@ -96,5 +96,5 @@ def lr_range_test(trainer: L.Trainer, model: L.LightningModule, datamodule: L.Li
     plt.close(fig)
     config = out_dir / "suggested_lr.yaml"
     config.write_text(f"# written by `cifarlab lr-find`: the steepest loss descent against log(lr) in lr_find.png\n"
-                      f"model:\n  lr: {suggestion:.6g}\n")
+                      f"model:\n  optimizer:\n    lr: {suggestion:.6g}\n")
     return {"lr": suggestion, "plot": out_dir / "lr_find.png", "config": config}

@@ -1,8 +1,13 @@
-"""The LightningModule: preprocessing + network, loss, metrics, optimizer and OneCycle schedule."""
+"""The LightningModule: preprocessing + network, loss, metrics, optimizer and OneCycle schedule.
+
+Its settings come in groups, each a dataclass whose fields are the command-line flags
+(``--model.optimizer.lr``, ``--model.schedule.pct_start``, ``--model.tta.level``), as ``AugmentConfig`` is for the data.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import lightning as L
 import torch
@@ -15,11 +20,127 @@ from cifarlab.optim import Muon
 from cifarlab.transforms import IMAGE_SIZE, Normalize
 
 
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """The optimizer and its per-group learning rates."""
+
+    name: Literal["adam", "sgd", "muon"] = "adam"
+    """``adam`` (the seed), ``sgd`` (Nesterov momentum), or ``muon``: conv filters trained with Muon
+    (``cifarlab.optim.Muon``), every other parameter with SGD as for ``sgd``."""
+    lr: float = 0.01
+    """Peak learning rate of the schedule (``cifarlab lr-find`` suggests one); with ``muon``, of the non-filter
+    parameters."""
+    weight_decay: float = 1e-4
+    """L2 coefficient applied by the optimizer to every parameter."""
+    momentum: float = 0.9
+    """SGD momentum (ignored by Adam, whose beta1 OneCycle may cycle instead)."""
+    nesterov: bool = True
+    """Nesterov momentum for SGD."""
+    bn_lr_scale: float = 1.0
+    """LR multiplier for BatchNorm parameters; their weight decay is divided by it, so that LR x decay stays the
+    same (airbench: 64, with frozen BN scales, i.e. for the BN biases)."""
+    muon_lr: float = 0.24
+    """Peak learning rate of the Muon-trained filters (their update is orthogonalised, so this is a step size
+    relative to the normalised weights, independent of the loss scale; airbench: 0.24)."""
+    muon_momentum: float = 0.6
+    """Momentum of the Muon-trained filters (airbench: 0.6)."""
+    muon_ns_steps: int = 3
+    """Newton-Schulz iterations per Muon update (airbench: 3)."""
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """The learning-rate schedule (``torch.optim.lr_scheduler.OneCycleLR``, stepped every batch)."""
+
+    name: Literal["onecycle", "none"] = "onecycle"
+    """``onecycle``, or ``none`` (constant ``optimizer.lr``)."""
+    pct_start: float = 5 / 24
+    """Fraction of all steps spent warming up to the peak LR."""
+    div_factor: float = 100.0
+    """The schedule starts at peak / ``div_factor``."""
+    final_div_factor: float = 100.0
+    """It ends at peak / ``div_factor`` / ``final_div_factor``."""
+    three_phase: bool = False
+    """OneCycle's third (annihilation) phase."""
+    anneal_strategy: Literal["linear", "cos"] = "linear"
+    """Shape of the ramps."""
+    cycle_momentum: bool = True
+    """Cycle momentum (SGD) or beta1 (Adam) inversely to the LR, between 0.85 and 0.95."""
+
+
+@dataclass(frozen=True)
+class WhiteningConfig:
+    """The patch-whitening conv's bias (networks with one: ``airbench``); its weights stay frozen."""
+
+    bias_epochs: int = 3
+    """Epochs during which the bias trains; frozen after (airbench: 3)."""
+    bias_lr_scale: float = 1.0
+    """LR multiplier for the bias, its weight decay divided by it as for ``bn_lr_scale`` (airbench94: 1, with the
+    head; airbench94_muon: 64, with the BN biases)."""
+    bias_decay: bool = False
+    """The bias's LR falls linearly from its scheduled value to 0 at the end of epoch ``bias_epochs`` instead of
+    stopping there abruptly (airbench94_muon)."""
+
+
+@dataclass(frozen=True)
+class TTAConfig:
+    """Test-time augmentation, used by ``cifarlab test``, the app, ``predict`` and ``report`` alike."""
+
+    level: Literal[0, 1, 2] = 0
+    """0 none, 1 + mirror (2 passes), 2 + mirror of 1-px translations (6 passes)."""
+
+
+GROUPS: dict[str, type] = {"optimizer": OptimizerConfig, "schedule": ScheduleConfig, "whitening": WhiteningConfig,
+                           "tta": TTAConfig}
+# Checkpoints written before the groups (until 2026-11-28) carry flat arguments: old name -> (group, field).
+LEGACY_NAMES: dict[str, tuple[str, str]] = {
+    **{name: ("optimizer", name) for name in ("lr", "weight_decay", "momentum", "nesterov", "bn_lr_scale", "muon_lr",
+                                              "muon_momentum", "muon_ns_steps")},
+    **{name: ("schedule", name) for name in ("pct_start", "div_factor", "final_div_factor", "three_phase",
+                                             "anneal_strategy", "cycle_momentum")},
+    "optimizer": ("optimizer", "name"), "scheduler": ("schedule", "name"), "tta_level": ("tta", "level"),
+    "whiten_bias_epochs": ("whitening", "bias_epochs"), "whiten_bias_lr_scale": ("whitening", "bias_lr_scale"),
+    "whiten_bias_decay": ("whitening", "bias_decay"),
+}
+
+
+def migrate_hparams(hparams: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's hyperparameters in today's grouped form: flat ones (``lr``, ``scheduler``, ``tta_level``,
+    ``whiten_bias_epochs``, ...) moved into their groups, over any grouped values; the input is not modified."""
+    moved: dict[str, dict[str, Any]] = {}
+    out: dict[str, Any] = {}
+    for key, value in hparams.items():
+        if key in LEGACY_NAMES and not (key == "optimizer" and isinstance(value, dict)):
+            group, field = LEGACY_NAMES[key]
+            moved.setdefault(group, {})[field] = value
+        else:
+            out[key] = value
+    for group, values in moved.items():
+        out[group] = {**(out.get(group) or {}), **values}
+    return out
+
+
+def _as(cls: type, value: Any):
+    """A group's dataclass from itself, a dict (a checkpoint, a YAML file) or None (the defaults)."""
+    if value is None:
+        return cls()
+    if isinstance(value, dict):
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ConfigError(f"unknown {cls.__name__} field(s) {unknown}: it takes {sorted(known)}")
+        value = cls(**value)
+    for name, hint in get_type_hints(cls).items():  # a checkpoint or a program is not checked by the CLI's parser
+        if get_origin(hint) is Literal and getattr(value, name) not in get_args(hint):
+            raise ConfigError(f"{cls.__name__}.{name} = {getattr(value, name)!r}: choose one of {list(get_args(hint))}")
+    return value
+
+
 class ImageClassifier(L.LightningModule):
     """Classifies uint8 image batches ``(B, 3, 32, 32)``; normalisation is part of the model.
 
-    Every argument is saved as a hyperparameter, and the dataset statistics are buffers, so
-    ``ImageClassifier.load_from_checkpoint(path)`` rebuilds the whole model from the checkpoint alone.
+    Every argument is saved as a hyperparameter (the groups as plain dicts), and the dataset statistics are
+    buffers, so ``ImageClassifier.load_from_checkpoint(path)`` rebuilds the whole model from the checkpoint alone.
 
     Args:
         arch: network name from ``cifarlab.models.ARCHITECTURES``.
@@ -28,33 +149,12 @@ class ImageClassifier(L.LightningModule):
         logit_scale: logits multiplier (Page's recipe: 0.125).
         widths: channels of the network's three conv groups, for architectures that take them (airbench:
             64/256/256 by default; airbench95's 128/384/384 cost ~2.5x the FLOPs per image).
-        optimizer: ``adam`` (the seed), ``sgd`` (Nesterov momentum), or ``muon``: conv filters trained with Muon
-            (``cifarlab.optim.Muon``), every other parameter with SGD as for ``sgd``.
-        lr: peak learning rate of the OneCycle schedule (``cifarlab lr-find`` suggests one).
-        weight_decay: L2 coefficient applied by the optimizer to every parameter.
-        momentum: SGD momentum (ignored by Adam, whose beta1 OneCycle may cycle instead).
-        nesterov: Nesterov momentum for SGD.
-        scheduler: ``onecycle`` (stepped every batch) or ``none`` (constant ``lr``).
-        pct_start: fraction of all steps spent warming up to ``lr``.
-        div_factor: the schedule starts at ``lr / div_factor``.
-        final_div_factor: it ends at ``lr / div_factor / final_div_factor``.
-        three_phase: OneCycle's third (annihilation) phase.
-        anneal_strategy: shape of the ramps, ``linear`` or ``cos``.
-        cycle_momentum: cycle momentum (SGD) or beta1 (Adam) inversely to the LR, between 0.85 and 0.95.
         label_smoothing: cross-entropy label smoothing.
         channels_last: NHWC memory format; faster for convolutions on CPU (oneDNN) and tensor cores.
-        bn_lr_scale: LR multiplier for BatchNorm parameters; their weight decay is divided by it, so that
-            LR x decay stays the same (airbench: 64, with frozen BN scales, i.e. for the BN biases).
-        tta_level: test-time augmentation at test time: 0 none, 1 + mirror, 2 + mirror of 1-px translations.
-        whiten_bias_epochs: epochs during which a whitening conv's bias trains, then it is frozen (airbench: 3).
-        whiten_bias_lr_scale: LR multiplier for a whitening conv's bias, its weight decay divided by it as for
-            ``bn_lr_scale`` (airbench94: 1, with the head; airbench94_muon: 64, with the BN biases).
-        whiten_bias_decay: the whitening bias's LR falls linearly from its scheduled value to 0 at the end of
-            epoch ``whiten_bias_epochs`` instead of stopping there abruptly (airbench94_muon).
-        muon_lr: peak learning rate of the Muon-trained filters (their update is orthogonalised, so this is a
-            step size relative to the normalised weights, independent of the loss scale; airbench: 0.24).
-        muon_momentum: momentum of the Muon-trained filters (airbench: 0.6).
-        muon_ns_steps: Newton-Schulz iterations per Muon update (airbench: 3).
+        optimizer: see ``OptimizerConfig``.
+        schedule: see ``ScheduleConfig``.
+        whitening: see ``WhiteningConfig`` (networks with a patch-whitening conv only).
+        tta: see ``TTAConfig``.
     """
 
     def __init__(
@@ -64,37 +164,27 @@ class ImageClassifier(L.LightningModule):
         class_names: list[str] | None = None,
         logit_scale: float = 1.0,
         widths: list[int] | None = None,
-        optimizer: Literal["adam", "sgd", "muon"] = "adam",
-        lr: float = 0.01,
-        weight_decay: float = 1e-4,
-        momentum: float = 0.9,
-        nesterov: bool = True,
-        scheduler: Literal["onecycle", "none"] = "onecycle",
-        pct_start: float = 5 / 24,
-        div_factor: float = 100.0,
-        final_div_factor: float = 100.0,
-        three_phase: bool = False,
-        anneal_strategy: Literal["linear", "cos"] = "linear",
-        cycle_momentum: bool = True,
         label_smoothing: float = 0.0,
         channels_last: bool = True,
-        bn_lr_scale: float = 1.0,
-        tta_level: int = 0,
-        whiten_bias_epochs: int = 3,
-        whiten_bias_lr_scale: float = 1.0,
-        whiten_bias_decay: bool = False,
-        muon_lr: float = 0.24,
-        muon_momentum: float = 0.6,
-        muon_ns_steps: int = 3,
+        optimizer: OptimizerConfig | None = None,
+        schedule: ScheduleConfig | None = None,
+        whitening: WhiteningConfig | None = None,
+        tta: TTAConfig | None = None,
     ):
         super().__init__()
-        if optimizer == "muon" and cycle_momentum and scheduler == "onecycle":
-            raise ConfigError("cycle_momentum would overwrite muon_momentum: with --model.optimizer muon, "
-                             "set --model.cycle_momentum false")
+        groups = {"optimizer": _as(OptimizerConfig, optimizer), "schedule": _as(ScheduleConfig, schedule),
+                  "whitening": _as(WhiteningConfig, whitening), "tta": _as(TTAConfig, tta)}
+        if groups["optimizer"].name == "muon" and groups["schedule"].cycle_momentum and \
+                groups["schedule"].name == "onecycle":
+            raise ConfigError("cycle_momentum would overwrite muon_momentum: with --model.optimizer.name muon, "
+                              "set --model.schedule.cycle_momentum false")
         if class_names is not None:
             num_classes = len(class_names)
-        self.save_hyperparameters()
+        # Plain types only in checkpoints, so that they load with torch.load(weights_only=True).
+        self.save_hyperparameters(ignore=list(GROUPS))
         self.hparams.num_classes = num_classes
+        for name, group in groups.items():
+            self.hparams[name] = asdict(group)
         self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
         self.normalize = Normalize()
         self.net = build_model(arch, num_classes, widths=widths, logit_scale=logit_scale)
@@ -106,6 +196,42 @@ class ImageClassifier(L.LightningModule):
         self.test_confmat = MulticlassConfusionMatrix(num_classes)
         self.example_input_array = torch.zeros(2, 3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8)
 
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, map_location=None, hparams_file=None, strict: bool = True,
+                             weights_only: bool | None = None, **overrides) -> ImageClassifier:
+        """Rebuild a model from its checkpoint alone, as Lightning's does, through ``cifarlab.checkpoint.Checkpoint``:
+        tensors and plain data only (``weights_only`` is always true), and checkpoints written with flat arguments
+        still load. ``map_location`` defaults to the CPU; ``overrides`` replace saved arguments."""
+        from cifarlab.checkpoint import Checkpoint
+
+        if hparams_file is not None:
+            raise TypeError("ImageClassifier.load_from_checkpoint: a checkpoint carries its own settings; "
+                            "pass changed ones as keyword arguments instead of hparams_file")
+        return Checkpoint.read(checkpoint_path, map_location or "cpu").build(strict=strict, **overrides)
+
+    # The settings groups, read from the saved hyperparameters: a checkpoint always holds what the model uses.
+    @property
+    def optim(self) -> OptimizerConfig:
+        return OptimizerConfig(**self.hparams.optimizer)
+
+    @property
+    def schedule(self) -> ScheduleConfig:
+        return ScheduleConfig(**self.hparams.schedule)
+
+    @property
+    def whitening(self) -> WhiteningConfig:
+        return WhiteningConfig(**self.hparams.whitening)
+
+    @property
+    def tta(self) -> TTAConfig:
+        return TTAConfig(**self.hparams.tta)
+
+    @property
+    def whiten(self) -> torch.nn.Conv2d | None:
+        """The network's patch-whitening conv (``net.whiten``), if it has one: what ``whitening`` configures."""
+        conv = getattr(self.net, "whiten", None)
+        return conv if isinstance(conv, torch.nn.Conv2d) else None
+
     def setup(self, stage: str) -> None:
         # Take the training data's statistics; a checkpoint restored after this overrides them with its own.
         dm = getattr(self.trainer, "datamodule", None)
@@ -113,28 +239,28 @@ class ImageClassifier(L.LightningModule):
             self.normalize.set_stats(dm.mean, dm.std)
 
     def on_fit_start(self) -> None:
-        # Patch-whitening networks start from the training data's patch covariance (not on resume: the
-        # checkpoint's weights were restored before this hook).
+        # A whitening conv starts from the training data's patch covariance (not on resume: the checkpoint's
+        # weights were restored before this hook).
         dm = getattr(self.trainer, "datamodule", None)
-        if hasattr(self.net, "init_whitening") and self.trainer.ckpt_path is None and dm is not None:
+        if self.whiten is not None and self.trainer.ckpt_path is None and dm is not None:
             x, _ = dm.train_set.batch(range(min(5000, len(dm.train_set))))  # airbench: 5,000 images
             self.net.init_whitening(self.normalize(x.to(self.device)))
 
     def on_train_epoch_start(self) -> None:
-        if hasattr(self.net, "whiten") and self.net.whiten.bias is not None:
-            self.net.whiten.bias.requires_grad_(self.current_epoch < self.hparams.whiten_bias_epochs)
+        if self.whiten is not None and self.whiten.bias is not None:
+            self.whiten.bias.requires_grad_(self.current_epoch < self.whitening.bias_epochs)
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
-        if self.hparams.whiten_bias_decay and self.current_epoch < self.hparams.whiten_bias_epochs:
+        if self.whitening.bias_decay and self.current_epoch < self.whitening.bias_epochs:
             # The scheduler sets each group's LR from scratch every step, so scaling its last value cannot compound.
             opt = self.optimizers(use_pl_optimizer=False)
             found = [i for i, g in enumerate(opt.param_groups) if g.get("whiten_bias")]
             if not found:
                 return
             i, sched = found[0], self.lr_schedulers()
-            peak = self.hparams.lr * self.hparams.whiten_bias_lr_scale
+            peak = self.optim.lr * self.whitening.bias_lr_scale
             scheduled = sched.get_last_lr()[i] if sched is not None else peak
-            span = self.hparams.whiten_bias_epochs * self.trainer.num_training_batches  # optimizer steps
+            span = self.whitening.bias_epochs * self.trainer.num_training_batches  # optimizer steps
             opt.param_groups[i]["lr"] = scheduled * max(0.0, 1 - self.global_step / span)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -145,8 +271,8 @@ class ImageClassifier(L.LightningModule):
         return self.net(x)
 
     def tta_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits averaged over test-time views of uint8 images ``x`` (level from ``tta_level``)."""
-        level = self.hparams.tta_level
+        """Logits averaged over test-time views of uint8 images ``x`` (``tta.level``)."""
+        level = self.tta.level
         if level == 0:
             return self(x)
         mirror = 0.5 * (self(x) + self(x.flip(-1)))
@@ -196,55 +322,53 @@ class ImageClassifier(L.LightningModule):
 
     def param_groups(self) -> list[dict]:
         """Trainable parameters: BatchNorm's at ``lr * bn_lr_scale`` (decay / scale), the rest at ``lr``; with
-        ``optimizer=muon``, conv filters in a group of their own at ``muon_lr``, ``muon_momentum``; a whitening
-        bias in a group of its own (``whiten_bias=True``) when its LR differs from ``lr`` or decays early."""
-        hp = self.hparams
+        ``muon``, conv filters in a group of their own at ``muon_lr``, ``muon_momentum``; a whitening bias in a group
+        of its own (``whiten_bias=True``) when its LR differs from ``lr`` or decays early."""
+        opt, white = self.optim, self.whitening
         bn_ids = {id(p) for m in self.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
                   for p in m.parameters()}
         # Frozen parameters (airbench's whitening weights, BN scales) are left out. The whitening bias is frozen
-        # only from epoch `whiten_bias_epochs` on, so it is in: SGD skips it once it has no gradient.
+        # only from epoch `bias_epochs` on, so it is in: SGD skips it once it has no gradient.
         params = [p for p in self.parameters() if p.requires_grad]
         bn = [p for p in params if id(p) in bn_ids]
         other = [p for p in params if id(p) not in bn_ids]
         groups = []
-        whiten = getattr(self.net, "whiten", None)
-        whiten_bias = getattr(whiten, "bias", None)
-        if whiten_bias is not None and (hp.whiten_bias_lr_scale != 1 or hp.whiten_bias_decay):
+        whiten_bias = self.whiten.bias if self.whiten is not None else None
+        if whiten_bias is not None and (white.bias_lr_scale != 1 or white.bias_decay):
             # Only then: checkpoints of recipes without these options keep their optimizer's group layout.
             other = [p for p in other if p is not whiten_bias]
-            scale = hp.whiten_bias_lr_scale
-            groups.append({"params": [whiten_bias], "lr": hp.lr * scale, "weight_decay": hp.weight_decay / scale,
+            scale = white.bias_lr_scale
+            groups.append({"params": [whiten_bias], "lr": opt.lr * scale, "weight_decay": opt.weight_decay / scale,
                            "whiten_bias": True})
-        if hp.optimizer == "muon":
+        if opt.name == "muon":
             filters = [p for p in other if p.ndim == 4]
             other = [p for p in other if p.ndim != 4]
-            groups.append({"params": filters, "lr": hp.muon_lr, "momentum": hp.muon_momentum, "weight_decay": 0.0,
-                           "muon": True, "ns_steps": hp.muon_ns_steps})
-        groups.append({"params": other, "lr": hp.lr, "weight_decay": hp.weight_decay})
+            groups.append({"params": filters, "lr": opt.muon_lr, "momentum": opt.muon_momentum, "weight_decay": 0.0,
+                           "muon": True, "ns_steps": opt.muon_ns_steps})
+        groups.append({"params": other, "lr": opt.lr, "weight_decay": opt.weight_decay})
         if bn:
-            scale = hp.bn_lr_scale
-            groups.append({"params": bn, "lr": hp.lr * scale, "weight_decay": hp.weight_decay / scale})
+            scale = opt.bn_lr_scale
+            groups.append({"params": bn, "lr": opt.lr * scale, "weight_decay": opt.weight_decay / scale})
         return groups
 
     def make_optimizer(self) -> torch.optim.Optimizer:
         """The recipe's optimizer over ``param_groups()`` (no schedule)."""
-        hp = self.hparams
+        opt = self.optim
         groups = self.param_groups()
-        if hp.optimizer == "adam":
+        if opt.name == "adam":
             return torch.optim.Adam(groups)
-        if hp.optimizer == "muon":
-            return Muon(groups, momentum=hp.momentum, nesterov=hp.nesterov)
-        return torch.optim.SGD(groups, momentum=hp.momentum, nesterov=hp.nesterov)
+        if opt.name == "muon":
+            return Muon(groups, momentum=opt.momentum, nesterov=opt.nesterov)
+        return torch.optim.SGD(groups, momentum=opt.momentum, nesterov=opt.nesterov)
 
     def configure_optimizers(self):
-        hp = self.hparams
+        sched = self.schedule
         opt = self.make_optimizer()
-        groups = opt.param_groups
-        if hp.scheduler == "none":
+        if sched.name == "none":
             return opt
-        sched = torch.optim.lr_scheduler.OneCycleLR(
-            opt, max_lr=[g["lr"] for g in groups], total_steps=int(self.trainer.estimated_stepping_batches),
-            pct_start=hp.pct_start, anneal_strategy=hp.anneal_strategy, div_factor=hp.div_factor,
-            final_div_factor=hp.final_div_factor, three_phase=hp.three_phase, cycle_momentum=hp.cycle_momentum)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
+        onecycle = torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=int(self.trainer.estimated_stepping_batches),
+            pct_start=sched.pct_start, anneal_strategy=sched.anneal_strategy, div_factor=sched.div_factor,
+            final_div_factor=sched.final_div_factor, three_phase=sched.three_phase,
+            cycle_momentum=sched.cycle_momentum)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": onecycle, "interval": "step"}}

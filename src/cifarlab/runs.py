@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 from cifarlab.errors import CifarlabError
 
 LAST = "last"  # file name (without .ckpt) of the checkpoint written every epoch and on interruption
+VERSION_ENV = "CIFARLAB_RUN_VERSION"  # rank 0's run version, inherited by the DDP workers it starts
 
 
 @dataclass(frozen=True)
@@ -90,3 +92,39 @@ def check_writable(folder: Path) -> None:
     except OSError as err:
         raise CifarlabError(f"cannot write the run directory {folder} ({err.strerror or err}): "
                             "pass --run.dir to a writable folder with free space") from None
+
+
+def run_root(run_dir: str, default_root_dir: str | None) -> str:
+    """Where runs go: ``--run.dir``, or Lightning's ``--trainer.default_root_dir`` (where every Lightning user puts
+    a run); both given and different is a one-line error."""
+    if default_root_dir is None:
+        return run_dir
+    if run_dir not in ("runs", default_root_dir):
+        raise CifarlabError(f"--trainer.default_root_dir {default_root_dir} and --run.dir {run_dir} both say where "
+                            "the run goes: pass one of them")
+    return default_root_dir
+
+
+def resolve_last(folder: Path) -> Path:
+    """``--ckpt_path last``: the newest ``last.ckpt`` of the recipe's runs under ``folder`` (Lightning would look in
+    the new run's own, empty, folder), or a one-line error."""
+    found = latest_checkpoint(folder)
+    if found is None:
+        raise CifarlabError(f"--ckpt_path last: no checkpoint under {folder}/version_*/checkpoints/: start the run "
+                            "without --ckpt_path (or pass the --run.dir/--run.name it used)")
+    return found
+
+
+def claim_version(folder: Path, resume: int | None = None) -> int:
+    """The ``version_<n>`` this process logs into under ``folder``: rank 0's (a DDP worker it started, through
+    ``VERSION_ENV``), ``resume`` (a resumed run), else the next unused one. The folder is checked writable now,
+    not when the first checkpoint is due."""
+    if os.environ.get("LOCAL_RANK", "0") != "0" and VERSION_ENV in os.environ:
+        version = int(os.environ[VERSION_ENV])
+    elif resume is not None:
+        version = resume
+    else:
+        version = next_version(folder)
+    os.environ[VERSION_ENV] = str(version)
+    check_writable(folder)
+    return version

@@ -1,0 +1,105 @@
+"""One Checkpoint: grouped model settings, and checkpoints written with flat arguments (before 2026-11-28) still
+load in every command."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from cifarlab.checkpoint import Checkpoint, load_classifier
+from cifarlab.cli import main
+from cifarlab.errors import CifarlabError
+from cifarlab.module import LEGACY_NAMES, ImageClassifier, migrate_hparams
+
+SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
+
+# The fast recipe's model section as cifarlab before 2026-11-28 wrote it (flat), and what it means today (grouped).
+FLAT = {"arch": "airbench", "logit_scale": 1 / 9, "optimizer": "muon", "muon_lr": 0.24, "muon_momentum": 0.6,
+        "muon_ns_steps": 3, "lr": 1.65619, "momentum": 0.85, "nesterov": True, "weight_decay": 2.41518e-3,
+        "bn_lr_scale": 64.0, "whiten_bias_lr_scale": 64.0, "whiten_bias_decay": True, "whiten_bias_epochs": 3,
+        "scheduler": "onecycle", "pct_start": 0.0, "div_factor": 1.0, "final_div_factor": 1e4, "three_phase": False,
+        "anneal_strategy": "linear", "cycle_momentum": False, "label_smoothing": 0.2, "tta_level": 2}
+
+
+def flatten(hparams: dict) -> dict:
+    """Grouped hyperparameters back in the flat form of cifarlab before 2026-11-28."""
+    where = {group_field: old for old, group_field in LEGACY_NAMES.items()}
+    flat = {k: v for k, v in hparams.items() if k not in ("optimizer", "schedule", "whitening", "tta")}
+    for group in ("optimizer", "schedule", "whitening", "tta"):
+        for name, value in hparams[group].items():
+            flat[where[(group, name)]] = value
+    return flat
+
+
+def test_flat_arguments_move_into_their_groups():
+    grouped = migrate_hparams(FLAT)
+    model = ImageClassifier(**grouped)
+    assert model.optim.name == "muon" and model.optim.lr == 1.65619 and model.optim.muon_lr == 0.24
+    assert model.schedule.final_div_factor == 1e4 and not model.schedule.cycle_momentum
+    assert model.whitening.bias_decay and model.whitening.bias_lr_scale == 64.0 and model.tta.level == 2
+    assert model.hparams.label_smoothing == 0.2 and model.hparams.tta == {"level": 2}
+    assert migrate_hparams(dict(model.hparams)) == dict(model.hparams)  # grouped ones are left alone
+    assert flatten(dict(model.hparams))["lr"] == 1.65619
+
+
+def test_a_group_with_an_unknown_field_is_one_clear_error():
+    with pytest.raises(CifarlabError, match=r"unknown OptimizerConfig field\(s\) \['betas'\]"):
+        ImageClassifier(optimizer={"name": "adam", "betas": [0.9, 0.99]})
+
+
+def legacy_copy(ckpt: Path, out: Path) -> Path:
+    raw = torch.load(ckpt, weights_only=True)
+    raw["hyper_parameters"] = flatten({k: v for k, v in raw["hyper_parameters"].items() if not k.startswith("_")})
+    assert "lr" in raw["hyper_parameters"] and "optimizer" in raw["hyper_parameters"]
+    torch.save(raw, out)
+    return out
+
+
+def test_a_checkpoint_with_flat_arguments_loads_in_every_command(smoke_run, tmp_path, capsys):
+    root, run, best = smoke_run
+    old = legacy_copy(best, tmp_path / "old.ckpt")
+    new = load_classifier(best)
+    for model in (load_classifier(old), ImageClassifier.load_from_checkpoint(old).eval()):
+        assert dict(model.hparams) == dict(new.hparams)
+        x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), new(x))
+    assert Checkpoint.read(old).hparams["optimizer"]["name"] == "adam"
+
+    # `test --ckpt_path` reads the model's settings from the checkpoint through Checkpoint, not from the raw file.
+    main(["test", "--config", str(SMOKE), "--data.root", str(root), "--run.dir", str(tmp_path / "runs"),
+          "--ckpt_path", str(old), "--trainer.enable_progress_bar", "false"])
+    metrics = json.loads(next((tmp_path / "runs").glob("smoke/version_*/test_metrics.json")).read_text())
+    assert 0 <= metrics["test_acc"] <= 1
+    image = next((root / "test").glob("*/*.png"))
+    capsys.readouterr()
+    main(["predict", str(image), "--ckpt", str(old), "--top_k", "1"])
+    assert json.loads(capsys.readouterr().out)["top_k"][0]["class"] in new.class_names
+
+
+def test_fit_continues_only_the_same_network(smoke_run, tmp_path, capsys):
+    root, run, best = smoke_run
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", "fast", "--data.root", str(root), "--run.dir", str(tmp_path), "--ckpt_path",
+              str(best)])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds another network (arch=custom_resnet, 3 classes)" in err[0], err
+
+
+def test_a_checkpoint_whose_settings_do_not_parse_is_one_line(smoke_run, tmp_path, capsys):
+    root, run, best = smoke_run
+    raw = torch.load(best, weights_only=True)
+    raw["hyper_parameters"]["optimizer"]["name"] = "nadam"
+    torch.save(raw, tmp_path / "odd.ckpt")
+    with pytest.raises(SystemExit) as exit_:
+        main(["test", "--config", str(SMOKE), "--data.root", str(root), "--run.dir", str(tmp_path),
+              "--ckpt_path", str(tmp_path / "odd.ckpt")])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "odd.ckpt: its model settings do not fit" in err[0] and "nadam" in err[0], err
+    with pytest.raises(CifarlabError, match="OptimizerConfig.name = .nadam.: choose one of"):
+        load_classifier(tmp_path / "odd.ckpt")
