@@ -125,24 +125,38 @@ def _report_skipped(skipped: list[str], folder: Path, skip_corrupt: bool) -> Non
                    "they are left out of the data")
 
 
-def load_folder_split(root: Path, split: str, classes: list[str], cache_dir: Path, load: bool = True,
-                      skip_corrupt: bool = False) -> Split | str:
-    """Decode ``root/split`` into a ``Split``, through the uint8 cache in ``cache_dir``.
-
-    With ``load=False`` it only makes sure the cache is there: it returns the cache's key, or the ``Split`` when it
-    had to decode it just now (the arrays are in hand, no need to read them back). With ``skip_corrupt``,
-    files that do not decode are left out with a warning that counts them (and the cache remembers them).
-    """
+def _folder_cache(root: Path, split: str, classes: list[str], cache_dir: Path) -> tuple[list, str, Path]:
+    """The files of ``root/split``, their key and the cache file named by it."""
     files = list_folder_split(root, split, classes)
     key = folder_key(files, root)
-    cache_file = cache_dir / f"{split}-{key}.npz"
-    if cache_file.exists():
-        if not load:
-            return key
-        with np.load(cache_file, allow_pickle=False) as z:
-            skipped = [str(f) for f in z["skipped"]] if "skipped" in z else []
-            _report_skipped(skipped, root, skip_corrupt)
-            return Split(z["images"], z["labels"], [str(c) for c in z["classes"]], key)
+    return files, key, cache_dir / f"{split}-{key}.npz"
+
+
+def cache_folder_split(root: Path, split: str, classes: list[str], cache_dir: Path,
+                       skip_corrupt: bool = False) -> str:
+    """Make sure ``root/split`` is in the uint8 decode cache in ``cache_dir`` (decoding it if not); its key."""
+    files, key, cache_file = _folder_cache(root, split, classes, cache_dir)
+    if not cache_file.exists():
+        _decode_folder_split(files, root, split, classes, key, cache_file, skip_corrupt)
+    return key
+
+
+def load_folder_split(root: Path, split: str, classes: list[str], cache_dir: Path,
+                      skip_corrupt: bool = False) -> Split:
+    """``root/split`` as a ``Split``, from the uint8 decode cache in ``cache_dir`` (decoded into it first if needed).
+    With ``skip_corrupt``, files that do not decode are left out with a warning that counts them (and the cache
+    remembers them)."""
+    files, key, cache_file = _folder_cache(root, split, classes, cache_dir)
+    if not cache_file.exists():
+        return _decode_folder_split(files, root, split, classes, key, cache_file, skip_corrupt)
+    with np.load(cache_file, allow_pickle=False) as z:
+        skipped = [str(f) for f in z["skipped"]] if "skipped" in z else []
+        _report_skipped(skipped, root, skip_corrupt)
+        return Split(z["images"], z["labels"], [str(c) for c in z["classes"]], key)
+
+
+def _decode_folder_split(files: list, root: Path, split: str, classes: list[str], key: str, cache_file: Path,
+                         skip_corrupt: bool) -> Split:
     images, labels, skipped = [], [], []
     for path, label in progress(files, f"decoding {root / split} (once, then cached)"):
         try:
@@ -157,6 +171,7 @@ def load_folder_split(root: Path, split: str, classes: list[str], cache_dir: Pat
         raise DataError(f"no readable image in {root / split}: check the files")
     images, labels = np.stack(images), np.array(labels, dtype=np.int64)
     _report_skipped(skipped, root, skip_corrupt)
+    cache_dir = cache_file.parent
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = cache_file.with_name(f"{cache_file.name}.{os.getpid()}.tmp.npz")
     np.savez(tmp, images=images, labels=labels, classes=np.array(classes), skipped=np.array(skipped, dtype=str))
@@ -390,16 +405,11 @@ class CIFARDataModule(L.LightningDataModule):
             train = load_cifar10_split(self.data_root, "train")
         else:
             classes = folder_classes(self.data_root)
-            load_folder_split(self.data_root, "test", classes, self.cache_dir, load=False,
-                              skip_corrupt=self.skip_corrupt)
-            train = load_folder_split(self.data_root, "train", classes, self.cache_dir, load=False,
-                                      skip_corrupt=self.skip_corrupt)
-            key = train if isinstance(train, str) else train.key
+            cache_folder_split(self.data_root, "test", classes, self.cache_dir, skip_corrupt=self.skip_corrupt)
+            key = cache_folder_split(self.data_root, "train", classes, self.cache_dir, skip_corrupt=self.skip_corrupt)
             if (self.cache_dir / f"stats-{key}.json").exists():
                 return
-            if isinstance(train, str):  # cached earlier, statistics not yet: read the arrays back
-                train = load_folder_split(self.data_root, "train", classes, self.cache_dir,
-                                          skip_corrupt=self.skip_corrupt)
+            train = load_folder_split(self.data_root, "train", classes, self.cache_dir, skip_corrupt=self.skip_corrupt)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         cached_channel_stats(train.images, self.cache_dir / f"stats-{train.key}.json")
 
