@@ -121,3 +121,19 @@ def test_throughput_fast_reports_the_ceiling(folder_1k):
     out = _run("benchmarks/throughput.py", "--data.root", folder_1k, "--steps", "1", "--warmup", "1",
                "--val_size", "12", "--batch_size", "256", "--fast")  # 988 images: the recipe's 2,000 is too big
     assert "fast: " in out and "of this machine's ceiling" in out
+
+
+def test_flagged_grid_shows_cleanlabs_ranking(image_folder, tmp_path):
+    import numpy as np
+
+    from cifarlab.data import CIFARDataModule
+
+    labels = CIFARDataModule(root=str(image_folder), val_size=0).load_splits()["train"].labels
+    probs = np.full((len(labels), 3), 0.05, np.float32)
+    probs[np.arange(len(labels)), labels] = 0.9
+    probs[7] = [0.02, 0.02, 0.02]
+    probs[7, (labels[7] + 1) % 3] = 0.96  # one confident disagreement: the first flagged
+    np.savez(tmp_path / "oof.npz", probs=probs / probs.sum(1, keepdims=True), labels=labels)
+    out = _run("benchmarks/flagged_grid.py", "--data.root", image_folder, "--oof", tmp_path / "oof.npz",
+               "--count", "5", "--out", tmp_path / "grid")
+    assert "   1  #7 " in out and (tmp_path / "grid" / "flagged_1-1.png").exists()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from cifarlab.errors import CifarlabError
@@ -24,8 +26,6 @@ def test_ckpt_path_last_is_the_newest_last_ckpt_or_a_clear_error(tmp_path):
         (folder / "last.ckpt").write_bytes(b"x")
     (tmp_path / "version_x" / "checkpoints").mkdir(parents=True)
     (tmp_path / "version_x" / "checkpoints" / "last.ckpt").write_bytes(b"not a run")
-    import os
-
     os.utime(tmp_path / "version_0" / "checkpoints" / "last.ckpt", ns=(2 * 10**18, 2 * 10**18))  # the newest
     assert resolve_last(tmp_path) == tmp_path / "version_0" / "checkpoints" / "last.ckpt"
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from cifarlab.errors import CifarlabError
+from cifarlab.errors import CifarlabError, ConfigError
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,6 @@ class Checkpoint:
         """The ``ImageClassifier`` it holds, weights loaded (``strict`` as for ``load_state_dict``), in training mode
         (as Lightning's ``load_from_checkpoint``); ``overrides`` replace saved arguments (e.g. ``tta={"level": 0}``).
         ``model.datamodule_hparams`` is ``data``."""
-        from cifarlab.errors import ConfigError
         from cifarlab.module import ImageClassifier
 
         try:
