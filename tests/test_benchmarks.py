@@ -52,6 +52,12 @@ def test_app_latency_and_faithfulness(smoke_run):
     assert "| 2 |" in out and "Final test" in out
 
 
+def test_selective_tta_reports_each_threshold(smoke_run):
+    root, _, ckpt = smoke_run
+    out = _run("benchmarks/selective_tta.py", ckpt, "--data.root", root, "--thresholds", "0.4", "0.9")
+    assert "| (no TTA) | 0% |" in out and "| 0.4 |" in out and "| 0.9 |" in out and "| 1 (all) | 100% |" in out
+
+
 def test_app_latency_over_http(smoke_run):
     _, _, ckpt = smoke_run
     out = _run("benchmarks/app_latency.py", "--ckpt", ckpt, "--repeats", "2", "--http")

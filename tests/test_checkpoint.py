@@ -30,7 +30,8 @@ def flatten(hparams: dict) -> dict:
     flat = {k: v for k, v in hparams.items() if k not in ("optimizer", "schedule", "whitening", "tta")}
     for group in ("optimizer", "schedule", "whitening", "tta"):
         for name, value in hparams[group].items():
-            flat[where[(group, name)]] = value
+            if (group, name) in where:  # fields added since (tta.confident_at) had no flat name
+                flat[where[(group, name)]] = value
     return flat
 
 
@@ -40,7 +41,7 @@ def test_flat_arguments_move_into_their_groups():
     assert model.optim.name == "muon" and model.optim.lr == 1.65619 and model.optim.muon_lr == 0.24
     assert model.schedule.final_div_factor == 1e4 and not model.schedule.cycle_momentum
     assert model.whitening.bias_decay and model.whitening.bias_lr_scale == 64.0 and model.tta.level == 2
-    assert model.hparams.label_smoothing == 0.2 and model.hparams.tta == {"level": 2}
+    assert model.hparams.label_smoothing == 0.2 and model.hparams.tta == {"level": 2, "confident_at": 1.0}
     assert migrate_hparams(dict(model.hparams)) == dict(model.hparams)  # grouped ones are left alone
     assert flatten(dict(model.hparams))["lr"] == 1.65619
 
@@ -78,6 +79,28 @@ def test_a_checkpoint_with_flat_arguments_loads_in_every_command(smoke_run, tmp_
     capsys.readouterr()
     main(["predict", str(image), "--ckpt", str(old), "--top_k", "1"])
     assert json.loads(capsys.readouterr().out)["top_k"][0]["class"] in new.class_names
+
+
+def test_a_checkpoint_from_before_new_arguments_keeps_its_behaviour_under_a_newer_recipe(smoke_run, tmp_path):
+    """fast.yaml now names SiLU and selective TTA; a fast-recipe checkpoint written before those arguments existed
+    (GELU, TTA for every image) must be rebuilt as it was trained, not with the recipe's new values."""
+    import yaml
+
+    root, _, _ = smoke_run
+    model = ImageClassifier(arch="airbench", class_names=["a", "b", "c"], logit_scale=1 / 9, tta={"level": 2})
+    hparams = {k: v for k, v in model.hparams.items() if k not in ("activation", "bn_momentum")}
+    hparams["tta"] = {"level": 2}  # before tta.confident_at
+    old = tmp_path / "before.ckpt"
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": hparams, "epoch": 0, "global_step": 0,
+                "pytorch-lightning_version": "2.6.6"}, old)
+    migrated = Checkpoint.read(old).hparams
+    assert migrated["activation"] is None and migrated["tta"] == {"level": 2, "confident_at": 1.0}
+    main(["test", "--config", "fast", "--data.root", str(root), "--run.dir", str(tmp_path / "runs"),
+          "--ckpt_path", str(old), "--trainer.enable_progress_bar", "false"])
+    (saved,) = (tmp_path / "runs").glob("fast/version_*/hparams.yaml")
+    used = yaml.safe_load(saved.read_text())  # the model's top-level arguments as the command built it
+    assert used["activation"] is None and used["bn_momentum"] is None  # not the recipe's silu and 0.5566
+    assert load_classifier(old).net.block1.act.__class__.__name__ == "GELU"
 
 
 def test_fit_continues_only_the_same_network(smoke_run, tmp_path, capsys):

@@ -43,17 +43,21 @@ def test_export_command_matches_pytorch_on_test_images(smoke_run, tmp_path, caps
     np.testing.assert_allclose(json.loads(meta["mean"]), model.normalize.mean.numpy(), atol=1e-6)
 
 
-@pytest.mark.parametrize("arch, tta", [("airbench", False), ("airbench", True)])
-def test_export_of_the_fast_network_with_and_without_tta(tmp_path, arch, tta):
+@pytest.mark.parametrize("tta, selective", [(False, False), (True, False), (True, True)])
+def test_export_of_the_fast_network_with_and_without_tta(tmp_path, tta, selective):
     torch.manual_seed(0)
-    model = ImageClassifier(arch=arch, class_names=["a", "b", "c", "d"], tta={"level": 2}).eval()
+    model = ImageClassifier(arch="airbench", class_names=["a", "b", "c", "d"], tta={"level": 2}).eval()
     with torch.no_grad():  # non-trivial BN statistics, so a wrong eval-mode export would show
         for bn in model.modules():
             if isinstance(bn, torch.nn.BatchNorm2d):
                 bn.running_mean.uniform_(-0.5, 0.5)
                 bn.running_var.uniform_(0.5, 2.0)
-    path = export_onnx(model, tmp_path / "fast.onnx", tta=tta)
     x = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
+    if selective:  # half the images confident enough to skip the views: the graph must pick per image
+        with torch.no_grad():
+            conf = model(x).softmax(1).amax(1)
+        model.hparams.tta = {"level": 2, "confident_at": conf.median().item()}
+    path = export_onnx(model, tmp_path / "fast.onnx", tta=tta)
     with torch.no_grad():
         expected = (model.tta_logits(x) if tta else model(x)).float().softmax(1).numpy()
     got = _session(path).run(["probs"], {"images": x.numpy()})[0]

@@ -1,9 +1,11 @@
 """Pieces of the LightningModule and callbacks that recipes switch on: BN learning rates, TTA, Lookahead."""
 
+import pytest
 import torch
 
 from cifarlab.callbacks import Lookahead
-from cifarlab.module import ImageClassifier, OptimizerConfig
+from cifarlab.errors import ConfigError
+from cifarlab.module import ImageClassifier, OptimizerConfig, TTAConfig
 
 
 def test_bn_parameters_get_scaled_lr_and_inverse_decay():
@@ -30,6 +32,32 @@ def test_tta_levels_average_views():
         torch.testing.assert_close(model.tta_logits(x), 0.5 * (plain + model(x.flip(-1))))
         model.hparams.tta = {"level": 2}
         assert model.tta_logits(x).shape == (2, 10)
+
+
+def test_selective_tta_views_only_unsure_images_and_decides_per_image():
+    torch.manual_seed(0)
+    model = ImageClassifier(arch="airbench", channels_last=False).eval()
+    x = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        plain = model(x)
+        model.hparams.tta = {"level": 2}
+        full = model.tta_logits(x)
+        conf = plain.softmax(1).amax(1)
+        threshold = conf.median().item()  # about half the images are unsure
+        unsure = conf < threshold
+        assert 0 < unsure.sum() < len(x)
+        model.hparams.tta = {"level": 2, "confident_at": threshold}
+        mixed = model.tta_logits(x)
+        torch.testing.assert_close(mixed[unsure], full[unsure])
+        torch.testing.assert_close(mixed[~unsure], plain[~unsure])
+        # An image's logits do not depend on its batch mates.
+        torch.testing.assert_close(model.tta_logits(x[:3]), mixed[:3])
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.5, 1.5])
+def test_selective_tta_threshold_must_be_a_probability(bad):
+    with pytest.raises(ConfigError, match="confident_at"):
+        ImageClassifier(tta=TTAConfig(level=2, confident_at=bad))
 
 
 class _FakeTrainer:

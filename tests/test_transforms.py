@@ -131,3 +131,39 @@ def test_the_epoch_policy_lives_in_transforms():
     assert crop_for_epoch(AugmentConfig(), 0) is None
     assert random_flips(AugmentConfig()) and not random_flips(AugmentConfig(alternate_flips=True))
     assert not random_flips(AugmentConfig(flip=False))
+
+
+@pytest.mark.parametrize("brightness, contrast", [(0.14, 0.13), (0.5, 0.0), (0.0, 0.3)])
+def test_batch_augment_brightness_contrast_is_hiverge_jitter_of_the_normalised_image(brightness, contrast):
+    """Each image, normalised, comes out as (z + shift) * scale: shift within +-brightness, scale 1 +- contrast."""
+    std = (0.2, 0.25, 0.3)
+    cfg = AugmentConfig(pad=0, flip=False, cutout_size=0, brightness=brightness, contrast=contrast)
+    torch.manual_seed(7)
+    x = torch.randint(70, 180, (64, 3, 32, 32), dtype=torch.uint8)  # mid-range: nothing is clipped
+    out = BatchAugment(cfg, MEAN, std)(x)
+    assert out.dtype == torch.uint8 and out.shape == x.shape
+    m = torch.tensor(MEAN).view(1, 3, 1, 1) * 255
+    s = torch.tensor(std).view(1, 3, 1, 1) * 255
+    z_in, z_out = ((x.float() - m) / s).flatten(1), ((out.float() - m) / s).flatten(1)
+    shifts, scales = [], []
+    for a, b in zip(z_in, z_out):  # least squares b = scale * a + offset, per image
+        design = torch.stack([a, torch.ones_like(a)], 1)
+        scale, offset = torch.linalg.lstsq(design, b[:, None]).solution.squeeze(1).tolist()
+        residual = (design @ torch.tensor([scale, offset]) - b).abs().max()
+        assert residual <= 1 / s.min()  # uint8 rounding; the fit pools the channels
+        scales.append(scale)
+        shifts.append(offset / scale)
+    shifts, scales = torch.tensor(shifts), torch.tensor(scales)
+    assert shifts.abs().max() <= brightness + 0.01 and (scales - 1).abs().max() <= contrast + 0.01
+    # Drawn uniformly over the range, not stuck at its middle.
+    assert shifts.abs().max() >= 0.7 * brightness and (scales - 1).abs().max() >= 0.7 * contrast
+
+
+def test_brightness_contrast_need_the_tensor_back_end():
+    from cifarlab.data import CIFARDataModule
+    from cifarlab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="backend tensor"):
+        CIFARDataModule(augment=AugmentConfig(backend="albumentations", brightness=0.1))
+    with pytest.raises(ConfigError, match="contrast"):
+        CIFARDataModule(augment=AugmentConfig(contrast=1.5))

@@ -206,9 +206,17 @@ def resize_schedule(scheduler, old_total: int, new_total: int) -> None:
     scheduler.total_steps = new_total
 
 
-def tta_passes(level: int) -> int:
-    """Forward passes per test image at ``tta_level``: 1, mirror 2, mirror + two translations 6."""
-    return {0: 1, 1: 2}.get(level, 6)
+# With selective TTA (``tta.confident_at`` < 1), the share of test images planned as getting the extra views: at 0.8
+# the fast recipe's checkpoints sent 36% there, airbench94_muon's (label smoothing 0.2: less confident) 58%
+# (docs/benchmarks.md, "Selective TTA"); planning for more only ends a run a few seconds early.
+UNSURE_SHARE = 0.6
+
+
+def tta_passes(level: int, confident_at: float = 1.0) -> float:
+    """Forward passes per test image at ``tta_level``: 1, mirror 2, mirror + two translations 6; with selective TTA,
+    1 plus the extra passes for ``UNSURE_SHARE`` of the images."""
+    passes = {0: 1, 1: 2}.get(level, 6)
+    return passes if confident_at >= 1 else 1 + (passes - 1) * UNSURE_SHARE
 
 
 def most_steps(cost, available: float, start: int) -> int:
@@ -225,12 +233,12 @@ def most_steps(cost, available: float, start: int) -> int:
 
 def make_plan(budget_s: float, deadline: float, now: float, speed: Speed, *, steps_per_epoch: int, val_images: int,
               test_images: int, eval_batch_size: int, tta_level: int, crop_fraction: float, whole_epochs: bool,
-              batch_size: int) -> Plan:
+              batch_size: int, tta_confident_at: float = 1.0) -> Plan:
     """The most optimizer steps whose training, validation, checkpoints and final test end by ``deadline``
     (aiming at ``SAFETY`` of the time left). ``crop_fraction`` of the epochs (rounded) train on early crops;
     ``whole_epochs`` rounds down to whole epochs (recipes that pick a checkpoint on validation)."""
     batches = lambda n: math.ceil(n / eval_batch_size) if n else 0  # noqa: E731
-    test_s = batches(test_images) * speed.eval_batch_s * tta_passes(tta_level) + END_OVERHEAD_S
+    test_s = batches(test_images) * speed.eval_batch_s * tta_passes(tta_level, tta_confident_at) + END_OVERHEAD_S
     val_s = batches(val_images) * speed.eval_batch_s
     sanity_s = min(2, batches(val_images)) * speed.eval_batch_s  # Lightning's sanity check: 2 validation batches
     available = (deadline - now) * SAFETY - test_s - sanity_s
@@ -346,6 +354,7 @@ class TimeBudget(L.Callback):
                                  val_images=len(dm.val_set or []) // trainer.world_size,
                                  test_images=len(dm.test_set) // trainer.world_size,
                                  eval_batch_size=dm.eval_batch_size, tta_level=pl_module.tta.level,
+                                 tta_confident_at=pl_module.tta.confident_at,
                                  crop_fraction=self.crop_fraction, whole_epochs=self.whole_epochs,
                                  batch_size=dm.batch_size * trainer.world_size)
             except ConfigError as err:

@@ -340,6 +340,11 @@ class CIFARDataModule(L.LightningDataModule):
         augment = AugmentConfig(**augment) if isinstance(augment, dict) else (augment or AugmentConfig())
         if augment.flip and augment.alternate_flips and augment.backend != "tensor":
             raise ConfigError("augment.alternate_flips needs --data.augment.backend tensor")
+        if (augment.brightness or augment.contrast) and augment.backend != "tensor":
+            raise ConfigError("augment.brightness and augment.contrast need --data.augment.backend tensor")
+        if augment.brightness < 0 or not 0 <= augment.contrast < 1:
+            raise ConfigError(f"augment.brightness (std units) must be >= 0 and augment.contrast in [0, 1), got "
+                              f"{augment.brightness} and {augment.contrast}")
         if augment.early_crop and augment.early_crop_epochs:
             if augment.backend != "tensor":
                 raise ConfigError("augment.early_crop needs --data.augment.backend tensor")
@@ -438,7 +443,7 @@ class CIFARDataModule(L.LightningDataModule):
         if self.augment.backend == "albumentations":
             per_sample = albumentations_pipeline(self.augment, self.mean)
         elif self.augment.backend == "tensor":
-            self._batch_augment = BatchAugment(self.augment, self.mean)
+            self._batch_augment = BatchAugment(self.augment, self.mean, self.std)
         self.train_set = ImageArrayDataset(train.images[train_idx], train.labels[train_idx], per_sample)
         if self.augment.flip and self.augment.alternate_flips:
             # Seeded from torch's seed (seed_everything), so a resumed run flips the same images.

@@ -83,17 +83,21 @@ def dirac_conv(c_in: int, c_out: int) -> nn.Conv2d:
     return conv
 
 
-class ConvGroup(nn.Module):
-    """conv -> max-pool 2 -> BN -> GELU -> conv -> BN -> GELU (airbench94's block)."""
+# Activations the airbench network's conv groups take (``activation``): airbench's GELU, or hiverge's SiLU.
+ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "silu": nn.SiLU}
 
-    def __init__(self, c_in: int, c_out: int, bn_momentum: float):
+
+class ConvGroup(nn.Module):
+    """conv -> max-pool 2 -> BN -> act -> conv -> BN -> act (airbench94's block; act: GELU)."""
+
+    def __init__(self, c_in: int, c_out: int, bn_momentum: float, activation: str = "gelu"):
         super().__init__()
         self.conv1 = dirac_conv(c_in, c_out)
         self.pool = nn.MaxPool2d(2)
         self.norm1 = frozen_scale_bn(c_out, bn_momentum)
         self.conv2 = dirac_conv(c_out, c_out)
         self.norm2 = frozen_scale_bn(c_out, bn_momentum)
-        self.act = nn.GELU()
+        self.act = ACTIVATIONS[activation]()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act(self.norm1(self.pool(self.conv1(x))))
@@ -116,10 +120,12 @@ class AirbenchNet(nn.Module):
         logit_scale: multiplies the logits (airbench: 1/9).
         widths: channels of the three conv groups.
         bn_momentum: airbench's BatchNorm momentum (0.6: running stats follow the last few batches).
+        activation: the conv groups' activation, ``gelu`` (airbench) or ``silu`` (hiverge's speedrun); the one after
+            the whitening conv stays GELU, as in both.
     """
 
     def __init__(self, num_classes: int = 10, logit_scale: float = 1 / 9, widths: tuple[int, int, int] = (64, 256, 256),
-                 bn_momentum: float = 0.6):
+                 bn_momentum: float = 0.6, activation: str = "gelu"):
         super().__init__()
         self.logit_scale = logit_scale
         kernel = 2
@@ -127,9 +133,9 @@ class AirbenchNet(nn.Module):
         self.whiten = nn.Conv2d(3, whiten_width, kernel, padding=0, bias=True)
         self.whiten.weight.requires_grad_(False)
         self.act = nn.GELU()
-        self.block1 = ConvGroup(whiten_width, widths[0], bn_momentum)
-        self.block2 = ConvGroup(widths[0], widths[1], bn_momentum)
-        self.block3 = ConvGroup(widths[1], widths[2], bn_momentum)
+        self.block1 = ConvGroup(whiten_width, widths[0], bn_momentum, activation)
+        self.block2 = ConvGroup(widths[0], widths[1], bn_momentum, activation)
+        self.block3 = ConvGroup(widths[1], widths[2], bn_momentum, activation)
         self.pool = nn.AdaptiveMaxPool2d(1)  # = airbench's MaxPool2d(3) at 32x32; any input size
         self.fc = nn.Linear(widths[2], num_classes, bias=False)
 
@@ -156,10 +162,25 @@ class AirbenchNet(nn.Module):
 ARCHITECTURES: dict[str, type[nn.Module]] = {"custom_resnet": CustomResNet, "airbench": AirbenchNet}
 
 
-def build_model(arch: str, num_classes: int, widths: Sequence[int] | None = None, **kwargs) -> nn.Module:
-    """Instantiate a network from ``ARCHITECTURES`` by name; ``widths`` (airbench only) overrides its channels."""
+def build_model(arch: str, num_classes: int, widths: Sequence[int] | None = None, activation: str | None = None,
+                bn_momentum: float | None = None, **kwargs) -> nn.Module:
+    """Instantiate a network from ``ARCHITECTURES`` by name; ``widths``, ``activation`` and ``bn_momentum`` (airbench
+    only; ``None``: the network's default) override its channels, conv-group activation and BatchNorm momentum."""
     if arch not in ARCHITECTURES:
         raise ConfigError(f"unknown architecture {arch!r}: choose one of {sorted(ARCHITECTURES)}")
+    for flag, value in (("activation", activation), ("bn_momentum", bn_momentum)):
+        if value is not None and arch != "airbench":
+            raise ConfigError(f"architecture {arch!r} has a fixed {flag}: leave --model.{flag} out, "
+                              "or use arch airbench")
+    if activation is not None:
+        if activation not in ACTIVATIONS:
+            raise ConfigError(f"unknown activation {activation!r}: choose one of {sorted(ACTIVATIONS)}")
+        kwargs["activation"] = activation
+    if bn_momentum is not None:
+        if not 0 <= bn_momentum < 1:
+            raise ConfigError(f"--model.bn_momentum is the share of the running BatchNorm statistics kept each step "
+                              f"(airbench: 0.6): in [0, 1), got {bn_momentum}")
+        kwargs["bn_momentum"] = bn_momentum
     if widths is not None:
         if arch != "airbench":
             raise ConfigError(f"architecture {arch!r} has fixed widths: leave --model.widths out, or use arch airbench")

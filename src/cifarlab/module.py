@@ -72,8 +72,9 @@ class ScheduleConfig:
 class WhiteningConfig:
     """The patch-whitening conv's bias (networks with one: ``airbench``); its weights stay frozen."""
 
-    bias_epochs: int = 3
-    """Epochs during which the bias trains; frozen after (airbench: 3)."""
+    bias_epochs: float = 3
+    """Epochs during which the bias trains; frozen after (airbench: 3; hiverge: 0.19, with ``bias_decay``). A
+    fraction ends its learning rate mid-epoch (with ``bias_decay``); the bias is frozen from the next epoch on."""
     bias_lr_scale: float = 1.0
     """LR multiplier for the bias, its weight decay divided by it as for ``bn_lr_scale`` (airbench94: 1, with the
     head; airbench94_muon: 64, with the BN biases)."""
@@ -88,6 +89,16 @@ class TTAConfig:
 
     level: Literal[0, 1, 2] = 0
     """0 none, 1 + mirror (2 passes), 2 + mirror of 1-px translations (6 passes)."""
+    confident_at: float = 1.0
+    """Selective TTA (hiverge's CIFAR-10 speedrun): an image whose plain prediction's top probability is at least
+    this keeps that prediction, and only the others get the extra views. Decided per image, so a prediction never
+    depends on the rest of its batch. 1.0: every image gets them."""
+
+    def check(self) -> None:
+        """A ``ConfigError`` for a value out of range (the CLI's parser checks types only)."""
+        if not 0 < self.confident_at <= 1:
+            raise ConfigError(f"tta.confident_at is a probability in (0, 1] (1: TTA for every image), "
+                              f"got {self.confident_at}")
 
 
 GROUPS: dict[str, type] = {"optimizer": OptimizerConfig, "schedule": ScheduleConfig, "whitening": WhiteningConfig,
@@ -104,9 +115,17 @@ LEGACY_NAMES: dict[str, tuple[str, str]] = {
 }
 
 
+# Model arguments added since the first checkpoints, with the value that means "as before" (the network's default).
+# A checkpoint without one gets it here, so that a recipe's newer value (fast.yaml's SiLU) never lands on weights
+# that were trained without it: LightningCLI lays a checkpoint's settings over the recipe's only where it has them.
+ADDED_ARGUMENTS: dict[str, Any] = {"activation": None, "bn_momentum": None}
+
+
 def migrate_hparams(hparams: dict[str, Any]) -> dict[str, Any]:
     """A checkpoint's hyperparameters in today's grouped form: flat ones (``lr``, ``scheduler``, ``tta_level``,
-    ``whiten_bias_epochs``, ...) moved into their groups, over any grouped values; the input is not modified."""
+    ``whiten_bias_epochs``, ...) moved into their groups, over any grouped values; arguments and group fields added
+    since (``activation``, ``tta.confident_at``, ...) filled in with their defaults, which keep the old behaviour.
+    The input is not modified."""
     moved: dict[str, dict[str, Any]] = {}
     out: dict[str, Any] = {}
     for key, value in hparams.items():
@@ -117,6 +136,12 @@ def migrate_hparams(hparams: dict[str, Any]) -> dict[str, Any]:
             out[key] = value
     for group, values in moved.items():
         out[group] = {**(out.get(group) or {}), **values}
+    if "arch" in out:  # an ImageClassifier's settings
+        for name, default in ADDED_ARGUMENTS.items():
+            out.setdefault(name, default)
+        for name, cls in GROUPS.items():
+            if out.get(name) is None or isinstance(out[name], dict):
+                out[name] = {**asdict(cls()), **(out.get(name) or {})}
     return out
 
 
@@ -133,6 +158,8 @@ def _as(cls: type, value: Any):
     for name, hint in get_type_hints(cls).items():  # a checkpoint or a program is not checked by the CLI's parser
         if get_origin(hint) is Literal and getattr(value, name) not in get_args(hint):
             raise ConfigError(f"{cls.__name__}.{name} = {getattr(value, name)!r}: choose one of {list(get_args(hint))}")
+    if hasattr(value, "check"):
+        value.check()
     return value
 
 
@@ -151,6 +178,10 @@ class ImageClassifier(L.LightningModule):
             64/256/256 by default; airbench95's 128/384/384 cost ~2.5x the FLOPs per image).
         label_smoothing: cross-entropy label smoothing.
         channels_last: NHWC memory format; faster for convolutions on CPU (oneDNN) and tensor cores.
+        activation: the conv groups' activation, for architectures that take one (airbench: ``gelu`` by default;
+            hiverge's speedrun: ``silu``).
+        bn_momentum: share of the running BatchNorm statistics kept each training step, for architectures that
+            take one (airbench: 0.6; hiverge: 0.5566).
         optimizer: see ``OptimizerConfig``.
         schedule: see ``ScheduleConfig``.
         whitening: see ``WhiteningConfig`` (networks with a patch-whitening conv only).
@@ -166,6 +197,8 @@ class ImageClassifier(L.LightningModule):
         widths: list[int] | None = None,
         label_smoothing: float = 0.0,
         channels_last: bool = True,
+        activation: Literal["gelu", "silu"] | None = None,
+        bn_momentum: float | None = None,
         optimizer: OptimizerConfig | None = None,
         schedule: ScheduleConfig | None = None,
         whitening: WhiteningConfig | None = None,
@@ -187,7 +220,8 @@ class ImageClassifier(L.LightningModule):
             self.hparams[name] = asdict(group)
         self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
         self.normalize = Normalize()
-        self.net = build_model(arch, num_classes, widths=widths, logit_scale=logit_scale)
+        self.net = build_model(arch, num_classes, widths=widths, activation=activation, bn_momentum=bn_momentum,
+                               logit_scale=logit_scale)
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -271,11 +305,28 @@ class ImageClassifier(L.LightningModule):
         return self.net(x)
 
     def tta_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits averaged over test-time views of uint8 images ``x`` (``tta.level``)."""
-        level = self.tta.level
+        """Logits averaged over test-time views of uint8 images ``x`` (``tta.level``); with ``tta.confident_at`` < 1,
+        images already predicted with that confidence keep their plain logits."""
+        tta = self.tta
+        plain = self(x)
+        if tta.level == 0 or tta.confident_at >= 1:
+            return self._views(x, plain, tta.level)
+        unsure = plain.float().softmax(1).amax(1) < tta.confident_at  # (B,) bool
+        if torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting():
+            # An exported graph cannot size a batch by the data: every image gets the views, the mask picks.
+            return torch.where(unsure[:, None], self._views(x, plain, tta.level), plain)
+        idx = unsure.nonzero().squeeze(1)
+        if len(idx) == 0:
+            return plain
+        out = plain.clone()
+        out[idx] = self._views(x[idx], plain[idx], tta.level).to(out.dtype)
+        return out
+
+    def _views(self, x: torch.Tensor, plain: torch.Tensor, level: int) -> torch.Tensor:
+        """``tta_logits`` of every image of ``x``, given its plain logits ``plain``."""
         if level == 0:
-            return self(x)
-        mirror = 0.5 * (self(x) + self(x.flip(-1)))
+            return plain
+        mirror = 0.5 * (plain + self(x.flip(-1)))
         if level == 1:
             return mirror
         padded = F.pad(x, (1, 1, 1, 1), mode="reflect")

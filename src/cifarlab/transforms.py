@@ -55,6 +55,12 @@ class AugmentConfig:
     max-pool, so they take any size; fewer pixels cost proportionally fewer FLOPs. 0: always full size."""
     early_crop_epochs: int = 0
     """Epochs trained on ``early_crop`` crops."""
+    brightness: float = 0.0
+    """Brightness jitter (tensor back end only; hiverge's CIFAR-10 speedrun: 0.14): each image is shifted by up to
+    this many of the dataset's standard deviations, uniformly either way. 0: off."""
+    contrast: float = 0.0
+    """Contrast jitter (tensor back end only; hiverge: 0.13): each image's distance from the dataset mean is scaled
+    by a factor drawn uniformly from 1 +- this. 0: off."""
 
 
 # The epoch-dependent part of the augmentation policy, in one place: the data module and the dataset only ask.
@@ -133,14 +139,17 @@ class BatchAugment(nn.Module):
     """The same augmentation as ``albumentations_pipeline``, on a whole uint8 batch ``(B, 3, H, W)`` at once.
 
     Translation by up to ``pad`` pixels with reflection at the border (equal to reflect-pad + random crop),
-    a horizontal flip per image, and cutout holes filled with the dataset mean. Randomness comes from
+    a horizontal flip per image, brightness and contrast jitter (this back end only), and cutout holes filled with
+    the dataset mean. Randomness comes from
     torch's generator on the batch's device, so ``seed_everything`` makes it reproducible.
     """
 
-    def __init__(self, cfg: AugmentConfig, mean):
+    def __init__(self, cfg: AugmentConfig, mean, std=(0.25, 0.25, 0.25)):
         super().__init__()
         self.cfg = cfg
         self.register_buffer("fill", torch.tensor(mean_fill(mean), dtype=torch.uint8), persistent=False)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) * 255, persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1) * 255, persistent=False)
 
     def forward(self, x: torch.Tensor, crop: int | None = None) -> torch.Tensor:
         """Augment uint8 ``x`` ``(B, 3, H, W)``; with ``crop``, return a random ``(B, 3, crop, crop)`` part of each
@@ -164,6 +173,13 @@ class BatchAugment(nn.Module):
         elif random_flips(cfg):
             flip = torch.rand(b, 1, 1, 1, device=dev) < 0.5
             x = torch.where(flip, x.flip(3), x)
+        if cfg.brightness > 0 or cfg.contrast > 0:
+            # hiverge's jitter of normalised images, (z + shift) * scale, done on the pixels: with z = (x - mean) / std
+            # that is mean + (x - mean + shift * std) * scale, rounded back to uint8 (clipped at 0 and 255).
+            shift = (torch.rand(b, 1, 1, 1, device=dev) * 2 - 1) * cfg.brightness
+            scale = 1 + (torch.rand(b, 1, 1, 1, device=dev) * 2 - 1) * cfg.contrast
+            y = (x.float() - self.mean + shift * self.std) * scale + self.mean
+            x = y.round_().clamp_(0, 255).to(torch.uint8)
         if cfg.cutout_size > 0 and cfg.cutout_holes > 0 and cfg.cutout_p > 0:
             s, k = cfg.cutout_size, cfg.cutout_holes
             top = torch.randint(0, h - s + 1, (b, k, 1), device=dev)
