@@ -189,10 +189,11 @@ def test_predict_takes_folders_and_globs_in_batches_with_the_recipes_tta(tmp_pat
     dm = CIFARDataModule(root=str(root), val_size=0)
     dm.setup("test")
     x, _ = dm.test_set.batch(range(len(dm.test_set)))
-    np.testing.assert_allclose(classify(model, x).numpy(), np.load(run / "test_predictions.npz")["probs"],
-                               atol=1e-5)  # the same answer as fit's test
+    saved = np.load(run / "test_predictions.npz")["probs"].astype(np.float32)  # stored as float16
+    np.testing.assert_allclose(classify(model, x).numpy(), saved, atol=5e-4)  # the same answer as fit's test
     with torch.no_grad():
-        assert not torch.allclose(model(x), model.tta_logits(x), atol=1e-3)  # ... which is not the plain forward
+        plain = model(x).softmax(1).numpy()
+    assert np.abs(plain - saved).max() > 2e-3  # ... which is not the plain forward's
 
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_:
