@@ -168,10 +168,11 @@ def build_model(arch: str, num_classes: int, widths: Sequence[int] | None = None
     only; ``None``: the network's default) override its channels, conv-group activation and BatchNorm momentum."""
     if arch not in ARCHITECTURES:
         raise ConfigError(f"unknown architecture {arch!r}: choose one of {sorted(ARCHITECTURES)}")
-    for flag, value in (("activation", activation), ("bn_momentum", bn_momentum)):
+    fixed = {"widths": (widths, "fixed widths"), "activation": (activation, "a fixed activation"),
+             "bn_momentum": (bn_momentum, "a fixed bn_momentum")}
+    for flag, (value, what) in fixed.items():
         if value is not None and arch != "airbench":
-            raise ConfigError(f"architecture {arch!r} has a fixed {flag}: leave --model.{flag} out, "
-                              "or use arch airbench")
+            raise ConfigError(f"architecture {arch!r} has {what}: leave --model.{flag} out, or use arch airbench")
     if activation is not None:
         if activation not in ACTIVATIONS:
             raise ConfigError(f"unknown activation {activation!r}: choose one of {sorted(ACTIVATIONS)}")
@@ -182,8 +183,6 @@ def build_model(arch: str, num_classes: int, widths: Sequence[int] | None = None
                               f"(airbench: 0.6): in [0, 1), got {bn_momentum}")
         kwargs["bn_momentum"] = bn_momentum
     if widths is not None:
-        if arch != "airbench":
-            raise ConfigError(f"architecture {arch!r} has fixed widths: leave --model.widths out, or use arch airbench")
         if len(widths) != 3 or min(widths) < 1:
             raise ConfigError(f"--model.widths takes 3 positive channel counts (one per conv group), "
                               f"got {list(widths)}")
