@@ -13,8 +13,9 @@ For every measured path it also prints training GFLOP/s: images/s x 3 x the forw
 model summary (Lightning's ``ModelSummary``, which counts a multiply-add as 2 FLOPs; backward ~2x forward),
 against a ceiling measured on this machine in the same process: a large 3x3 conv (256 -> 256 channels, 16x16,
 batch 256, channels-last) forward + backward in the same precision, the best of a few calls.
-``--fast`` measures the fast recipe's training steps instead (airbench network, SGD, batch 1024, the
-precision cifarlab picks, batched augmentation) against that ceiling.
+``--fast`` measures the fast recipe's training steps instead (fast.yaml as it ships: airbench network, Muon, its
+batch, the precision cifarlab picks, batched augmentation) against that ceiling. ``--profile N`` then profiles N
+more steps (untimed) and prints the convolutions' share of their CPU time and the top ops by their own time.
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ def forward_flops_per_image(model) -> float:
     return ModelSummary(model, max_depth=1).total_flops / len(model.example_input_array)
 
 
-def measure(which: str, root: str, steps: int, warmup: int, batch_size: int, val_size: int) -> dict:
+def measure(which: str, root: str, steps: int, warmup: int, batch_size: int, val_size: int,
+            profile: int = 0) -> dict:
     import lightning as L
 
     from cifarlab.data import CIFARDataModule
@@ -79,12 +81,23 @@ def measure(which: str, root: str, steps: int, warmup: int, batch_size: int, val
         tune_malloc()
 
     class Timer(L.Callback):
+        profiler = None
+
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             if trainer.global_step == warmup:
                 self.start = time.perf_counter()
+            if trainer.global_step == warmup + steps:  # the timed steps are over: profile the next ones
+                self.seconds = time.perf_counter() - self.start
+                import torch
+
+                self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+                self.profiler.start()
 
         def on_train_end(self, trainer, pl_module):
-            self.seconds = time.perf_counter() - self.start
+            if self.profiler is None:
+                self.seconds = time.perf_counter() - self.start
+            else:
+                self.profiler.stop()
 
     L.seed_everything(0)
     if which == "fast":  # the recipe itself, as `cifarlab fit --config configs/fast.yaml` builds it
@@ -103,12 +116,18 @@ def measure(which: str, root: str, steps: int, warmup: int, batch_size: int, val
         model = ImageClassifier(optimizer={"name": "adam", "lr": 1e-3}, channels_last=path["channels_last"])
     flops = forward_flops_per_image(model)
     timer = Timer()
-    trainer = L.Trainer(max_steps=warmup + steps, limit_val_batches=0, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, precision=path["precision"],
-                        callbacks=[timer])
+    trainer = L.Trainer(max_steps=warmup + steps + profile, limit_val_batches=0, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        precision=path["precision"], callbacks=[timer])
     trainer.fit(model, datamodule=dm)
     img_per_s = steps * batch_size / timer.seconds
-    return {"img_per_s": img_per_s, "gflops": img_per_s * 3 * flops / 1e9,
+    ops = []
+    if timer.profiler is not None:  # share of the profiled steps' CPU time per op, by its own (self) time
+        events = timer.profiler.key_averages()
+        total = sum(e.self_cpu_time_total for e in events)
+        ops = [(e.key, e.self_cpu_time_total / total) for e in sorted(events, key=lambda e: -e.self_cpu_time_total)]
+    return {"img_per_s": img_per_s, "gflops": img_per_s * 3 * flops / 1e9, "ops": ops[:10],
+            "conv_share": sum(share for key, share in ops if "convolution" in key),
             "ceiling": ceiling_gflops(path["precision"]), "precision": path["precision"]}
 
 
@@ -121,10 +140,13 @@ def main() -> None:
                         help="seed/cifarlab paths: default 256; --fast: the recipe's unless given")
     parser.add_argument("--val_size", type=int, default=5000, help="held out, as in training (not timed)")
     parser.add_argument("--fast", action="store_true", help="the fast recipe's training steps against the ceiling")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="after the timed steps, profile N more and print where their CPU time went (by op)")
     parser.add_argument("--which", choices=list(PATHS), help=argparse.SUPPRESS)  # child process
     opts = parser.parse_args()
     if opts.which:
-        print(json.dumps(measure(opts.which, opts.root, opts.steps, opts.warmup, opts.batch_size, opts.val_size)))
+        print(json.dumps(measure(opts.which, opts.root, opts.steps, opts.warmup, opts.batch_size, opts.val_size,
+                                 opts.profile)))
         return
     from cifarlab.precision import cpu_info
 
@@ -133,6 +155,7 @@ def main() -> None:
     for which in ["fast"] if opts.fast else ["seed", "cifarlab"]:
         out = subprocess.run([sys.executable, __file__, "--data.root", opts.root, "--steps", str(opts.steps),
                               "--warmup", str(opts.warmup), "--val_size", str(opts.val_size), "--which", which,
+                              "--profile", str(opts.profile),
                               *(["--batch_size", str(opts.batch_size)] if opts.batch_size else [])],
                              check=True, capture_output=True, text=True).stdout
         got = json.loads(out.strip().splitlines()[-1])
@@ -140,6 +163,11 @@ def main() -> None:
         print(f"{which:>9}: {got['img_per_s']:.0f} training images/s  ({PATHS[which]})", flush=True)
         print(f"{'':>9}  {got['gflops']:.0f} training GFLOP/s = {got['gflops'] / got['ceiling']:.0%} of this machine's "
               f"ceiling ({got['ceiling']:.0f} GFLOP/s: large conv fwd + bwd, {got['precision']})", flush=True)
+        if got["ops"]:
+            print(f"{'':>9}  {opts.profile} more steps profiled (not timed): convolutions {got['conv_share']:.0%} of "
+                  f"the CPU time; the top ops by their own time:")
+            for key, share in got["ops"]:
+                print(f"{'':>11}{share:6.1%}  {key}")
     if not opts.fast:
         print(f"ratio cifarlab / seed: {results['cifarlab'] / results['seed']:.2f}x")
 

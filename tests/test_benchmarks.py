@@ -1,5 +1,6 @@
 """The benchmark scripts run (on a tiny setting: their numbers come from real runs, in docs/benchmarks.md)."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -125,8 +126,11 @@ def test_budget_benchmark_runs_both_sides(folder_1k, tmp_path):
 
 def test_throughput_fast_reports_the_ceiling(folder_1k):
     out = _run("benchmarks/throughput.py", "--data.root", folder_1k, "--steps", "1", "--warmup", "1",
-               "--val_size", "12", "--batch_size", "256", "--fast")  # 988 images: the recipe's 2,000 is too big
+               "--val_size", "12", "--batch_size", "256", "--fast", "--profile", "1")  # 988 images: 3 steps
     assert "fast: " in out and "of this machine's ceiling" in out
+    conv = re.search(r"convolutions (\d+)% of the CPU time", out)
+    assert conv and 0 < int(conv.group(1)) <= 100, out
+    assert re.search(r"^ +\d+\.\d%  aten::", out, re.M), out  # the op table
 
 
 def test_flagged_grid_shows_cleanlabs_ranking(image_folder, tmp_path):

@@ -106,3 +106,31 @@ def test_whitening_bias_learns_with_the_bn_biases_and_its_lr_decays_to_zero(imag
 def test_whitening_bias_stays_with_the_head_by_default():
     groups = ImageClassifier(arch="airbench", optimizer={"name": "sgd"}).param_groups()
     assert len(groups) == 2 and not any(g.get("whiten_bias") for g in groups)  # older checkpoints' layout
+
+
+def test_whitening_bias_freezes_mid_epoch_once_its_lr_is_zero(image_folder):
+    """hiverge's 0.19 epochs: the bias stops needing a gradient (and the backward pass its work) the step its LR
+    reaches 0, not at the next epoch."""
+    import lightning as L
+
+    from cifarlab.data import CIFARDataModule
+
+    dm = CIFARDataModule(root=str(image_folder), batch_size=12, eval_batch_size=16, val_size=0)  # 72 images: 6 steps
+    model = ImageClassifier(
+        arch="airbench", optimizer={"name": "muon", "lr": 0.5, "bn_lr_scale": 64.0}, class_names=dm.class_names,
+        whitening={"bias_lr_scale": 64.0, "bias_decay": True, "bias_epochs": 0.5},  # 3 steps of LR > 0
+        schedule={"cycle_momentum": False, "pct_start": 0.0, "div_factor": 1.0, "final_div_factor": 10.0})
+
+    class Record(L.Callback):
+        rows: list = []
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            bias = pl_module.net.whiten.bias
+            self.rows.append((trainer.global_step, bias.requires_grad, bias.grad is not None))
+
+    trainer = L.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_progress_bar=False,
+                        enable_checkpointing=False, callbacks=[Record()], enable_model_summary=False)
+    trainer.fit(model, dm)
+    assert [r[0] for r in Record.rows] == list(range(12))
+    assert [r[1] for r in Record.rows] == [True] * 3 + [False] * 9
+    assert [r[2] for r in Record.rows] == [True] * 3 + [False] * 9  # no gradient computed once frozen
