@@ -12,7 +12,6 @@ does, per image), else its plain ones: the accuracy, the share of images that go
 from __future__ import annotations
 
 import argparse
-import contextlib
 import time
 
 import torch
@@ -25,10 +24,9 @@ from cifarlab.precision import cpu_info, fastest_precision
 def logits_and_time(model, images: torch.Tensor, batch_size: int, tta: bool) -> tuple[torch.Tensor, float]:
     """Logits of uint8 ``images`` ``(N, 3, 32, 32)``, plain or with the model's full TTA, and the seconds taken."""
     bf16 = fastest_precision("cpu") == "bf16-mixed"
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     out = []
     start = time.perf_counter()
-    with torch.no_grad(), autocast:
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         for x in images.split(batch_size):
             out.append((model.tta_logits(x) if tta else model(x)).float())
     return torch.cat(out), time.perf_counter() - start
@@ -41,7 +39,6 @@ def main() -> None:
     parser.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.6, 0.7, 0.8, 0.9])
     parser.add_argument("--batch_size", type=int, default=2000)
     opts = parser.parse_args()
-    torch.set_num_threads(2)
     cpu, flags = cpu_info()
     print(f"CPU: {cpu}, bf16 flags: {sorted(f for f in flags or [] if 'bf16' in f) or 'none'}, "
           f"precision: {fastest_precision('cpu')}")

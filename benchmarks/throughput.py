@@ -144,6 +144,8 @@ def main() -> None:
                         help="after the timed steps, profile N more and print where their CPU time went (by op)")
     parser.add_argument("--which", choices=list(PATHS), help=argparse.SUPPRESS)  # child process
     opts = parser.parse_args()
+    if opts.profile < 0:
+        parser.error(f"--profile takes a number of steps >= 0, got {opts.profile}")
     if opts.which:
         print(json.dumps(measure(opts.which, opts.root, opts.steps, opts.warmup, opts.batch_size, opts.val_size,
                                  opts.profile)))

@@ -280,33 +280,26 @@ class ImageClassifier(L.LightningModule):
             x, _ = dm.train_set.batch(range(min(5000, len(dm.train_set))))  # airbench: 5,000 images
             self.net.init_whitening(self.normalize(x.to(self.device)))
 
-    def _whiten_bias_trains(self) -> bool:
-        """Whether the whitening bias learns this step: with ``bias_decay`` until its LR reaches 0, which is
-        mid-epoch for a fractional ``bias_epochs``; without, until epoch ``bias_epochs``."""
-        if self.whitening.bias_decay:
-            return self.global_step < self.whitening.bias_epochs * self.trainer.num_training_batches
-        return self.current_epoch < self.whitening.bias_epochs
-
-    def on_train_epoch_start(self) -> None:
-        if self.whiten is not None and self.whiten.bias is not None:
-            self.whiten.bias.requires_grad_(self._whiten_bias_trains())
-
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
-        if self.whitening.bias_decay and self.whiten is not None and self.whiten.bias is not None:
-            # Frozen as soon as its LR is 0 (the same weights: SGD's momentum and decay are scaled by the LR), so
-            # the backward pass skips the first conv's input gradient, the GELU's and the whitening conv's: ~5% of
-            # a step at batch 1,536 (hiverge: 6 steps of bias, then 26 more of the first epoch without it).
-            self.whiten.bias.requires_grad_(self._whiten_bias_trains())
-        if self.whitening.bias_decay and self.current_epoch < self.whitening.bias_epochs:
+        if self.whiten is None or self.whiten.bias is None:
+            return
+        white = self.whitening
+        span = white.bias_epochs * self.trainer.num_training_batches  # optimizer steps
+        # With bias_decay the bias's LR falls linearly to 0 over `span` steps (mid-epoch for a fractional
+        # bias_epochs) and the bias is frozen from then on: the same weights (SGD's momentum and decay are scaled by
+        # the LR), but the backward pass skips the first conv's input gradient, the GELU's and the whitening conv's
+        # (hiverge: 6 steps of bias, then 26 more of the first epoch without it). Without, it trains whole epochs.
+        trains = self.global_step < span if white.bias_decay else self.current_epoch < white.bias_epochs
+        self.whiten.bias.requires_grad_(trains)
+        if white.bias_decay and self.current_epoch < white.bias_epochs:
             # The scheduler sets each group's LR from scratch every step, so scaling its last value cannot compound.
             opt = self.optimizers(use_pl_optimizer=False)
             found = [i for i, g in enumerate(opt.param_groups) if g.get("whiten_bias")]
             if not found:
                 return
             i, sched = found[0], self.lr_schedulers()
-            peak = self.optim.lr * self.whitening.bias_lr_scale
+            peak = self.optim.lr * white.bias_lr_scale
             scheduled = sched.get_last_lr()[i] if sched is not None else peak
-            span = self.whitening.bias_epochs * self.trainer.num_training_batches  # optimizer steps
             opt.param_groups[i]["lr"] = scheduled * max(0.0, 1 - self.global_step / span)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
