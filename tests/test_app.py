@@ -18,9 +18,57 @@ def served(smoke_run):
     root, _, ckpt = smoke_run
     app = CifarApp(ckpt, str(root))
     demo = launch(app, "127.0.0.1", None, block=False)
+    assert app.wait(timeout=300), app.prep.status()
     client = Client(demo.local_url, verbose=False)
     yield app, demo, client
     demo.close()
+
+
+def test_the_page_answers_before_the_data_is_ready_and_the_tabs_fill_themselves(smoke_run):
+    """Classify works while the test set is still being prepared; the data endpoints say what they wait for, and
+    the page's poll turns each tab's ready flag on when its data is there."""
+    import threading
+
+    root, _, ckpt = smoke_run
+    app = CifarApp(ckpt, str(root), projection="pca")
+    hold = threading.Event()
+    predict = app.prep.steps["test"].run
+    app.prep.steps["test"].run = lambda report: (hold.wait(60), predict(report))
+    demo = launch(app, "127.0.0.1", None, block=False)
+    try:
+        client = Client(demo.local_url, verbose=False)
+        label, *_ = client.predict(handle_file(str(root / "test" / "cat" / "0000.png")), 2, 0.5, "layer3 (4x4)",
+                                   "Grad-CAM", api_name="/classify")
+        assert len(label["confidences"]) == 2
+        status = client.predict(api_name="/status")
+        assert status["test"]["state"] == "running" and status["map"]["state"] == "waiting"
+        with pytest.raises(Exception, match="Preparing: the test-set predictions"):
+            client.predict("any", "any", 3, 0.5, "layer3 (4x4)", "Grad-CAM", api_name="/mistakes")
+        texts_and_flags = app.poll()
+        tabs = len(texts_and_flags) // 2  # (texts, flags, timer) over examples, mistakes, correct, ... tabs
+        flags = texts_and_flags[tabs:2 * tabs]
+        assert flags[0] and not any(flags[1:])  # the examples need only the test set, loaded by now
+        assert "the test-set predictions" in texts_and_flags[1]  # the Mistakes tab says what it waits for
+        hold.set()
+        assert app.wait(timeout=300), app.prep.status()
+        texts_and_flags = app.poll()
+        assert all(texts_and_flags[tabs:2 * tabs]) and not any(texts_and_flags[:tabs])
+        items, summary = client.predict("any", "any", 3, 0.5, "layer3 (4x4)", "Grad-CAM", api_name="/mistakes")
+        assert "test images" in summary
+    finally:
+        hold.set()
+        demo.close()
+
+
+def test_a_page_without_data_still_classifies_and_says_why_the_tabs_stay_empty(smoke_run, tmp_path):
+    root, _, ckpt = smoke_run
+    app = CifarApp(ckpt)  # no --data.root, and the data the checkpoint was trained on has gone
+    app.model.datamodule_hparams = {**app.model.datamodule_hparams, "root": str(tmp_path / "gone")}
+    app.start()
+    assert not app.wait(timeout=120)
+    assert "Not available" in app.prep.waiting_for("test") and "--data.root" in app.prep.waiting_for("data")
+    label, *_ = app.classify_image(str(root / "test" / "cat" / "0000.png"), 2)
+    assert len(label) == 2
 
 
 def test_served_on_loopback_only(served):

@@ -112,9 +112,17 @@ def test_features_are_the_head_input_and_cached(smoke_run, tmp_path):
     scale = getattr(model.net, "logit_scale", 1.0)
     assert torch.allclose(head(torch.from_numpy(feats)) * scale, logits, atol=1e-4)
     train = rng.integers(0, 256, (50, 32, 32, 3), dtype=np.uint8)
-    first = audit.embeddings(model, ckpt, images, train, tmp_path, "pca")
-    cached = list(tmp_path.glob("embeddings-*.npz"))
-    assert len(cached) == 1
-    again = audit.embeddings(model, ckpt, images, train, tmp_path, "pca")
-    assert np.array_equal(first.map2d, again.map2d) and np.array_equal(first.nearest, again.nearest)
-    assert first.nearest.shape == (30,) and first.map2d.shape == (30, 2)
+
+    def audit_once():
+        test_feats = audit.cached_features(model, ckpt, images, "test", tmp_path)
+        train_feats = audit.cached_features(model, ckpt, train, "train", tmp_path)
+        map2d = audit.cached_map(test_feats, ckpt, "pca", tmp_path)
+        return test_feats, map2d, audit.cached_duplicates(images, train, test_feats, train_feats, ckpt, tmp_path)
+
+    first = audit_once()
+    assert sorted(p.name.split("-")[0] for p in tmp_path.glob("*.npz")) == ["duplicates", "features", "features",
+                                                                            "map"]
+    assert np.allclose(first[0], feats, atol=1e-2 * np.abs(feats).max())  # cached as float16
+    again = audit_once()
+    assert np.array_equal(first[1], again[1]) and np.array_equal(first[2][0], again[2][0])
+    assert first[2][0].shape == (30,) and first[1].shape == (30, 2)

@@ -110,12 +110,20 @@ def test_stats_prints_mean_std_and_writes_a_preview(image_folder, tmp_path, caps
 @pytest.mark.parametrize("args, message", [
     (["fit", "--config", SMOKE, "--data.root", "/nonexistent/cifar"], "does not exist"),
     (["stats", "--data.root", "/nonexistent/cifar"], "does not exist"),
-    # the commands that are not LightningCLI's: argparse's errors, one line too
-    (["report", "--ckpt", "x.ckpt", "--projection", "umap"], "argument --projection: invalid choice: 'umap'"),
-    (["predict", "a.jpg", "--ckpt", "x.ckpt", "--top_k", "abc"], "argument --top_k: invalid int value: 'abc'"),
-    (["export"], "the following arguments are required: --ckpt"),
-    (["app", "--ckpt", "x.ckpt", "--data.source", "web"], "argument --data.source: invalid choice: 'web'"),
-    (["stats", "--num_images", "many"], "argument --num_images: invalid int value: 'many'"),
+    # the commands' own typed options: jsonargparse's errors, one line too, naming the option
+    (["report", "--ckpt", "x.ckpt", "--projection", "umap"],
+     'Parser key "projection": Expected a typing.Literal[\'tsne\', \'pca\']. Got value: umap'),
+    (["report", "--ckpt", "x.ckpt", "--dup_threshold", "1.5"], "--dup_threshold 1.5: give a similarity in (0, 1]"),
+    (["predict", "a.jpg", "--ckpt", "x.ckpt", "--top_k", "abc"], 'Parser key "top_k"'),
+    (["predict", "a.jpg", "--ckpt", "x.ckpt", "--batch_size", "0"], 'Parser key "batch_size"'),
+    (["predict", "--ckpt", "x.ckpt"], "cifarlab predict needs images"),
+    (["export"], "the following arguments are required: ckpt (`cifarlab export --help` lists the options)"),
+    (["export", "--ckpt", "x.ckpt", "--format", "tflite"], 'Parser key "format"'),
+    (["app", "--ckpt", "x.ckpt", "--data.source", "web"], 'Parser key "data.source"'),
+    (["app", "--ckpt", "x.ckpt", "--no_such_option", "1"], "unrecognized arguments: --no_such_option"),
+    (["stats", "--num_images", "many"], 'Parser key "num_images"'),
+    (["lr-find", "--config", SMOKE, "--num_iter", "-5"], 'Parser key "num_iter"'),
+    (["lr-find", "--config", SMOKE, "--min_lr", "x"], "(`cifarlab lr-find --help` lists the options)"),
 ])
 def test_bad_data_or_options_are_one_line_and_exit_2(args, message, capsys):
     with pytest.raises(SystemExit) as exit_:
@@ -203,18 +211,18 @@ def test_help_documents_the_augmentation_fields(capsys):
 
 
 def test_app_takes_gradios_server_variables_and_flags_win(monkeypatch, capsys):
-    from cifarlab.cli import app_options
+    from cifarlab.commands.app import app_options
 
     monkeypatch.delenv("GRADIO_SERVER_NAME", raising=False)
     monkeypatch.delenv("GRADIO_SERVER_PORT", raising=False)
     opts = app_options(["--ckpt", "x.ckpt"])
-    assert (opts.host, opts.port) == ("127.0.0.1", 7860)
+    assert (opts["host"], opts["port"]) == ("127.0.0.1", 7860)
     monkeypatch.setenv("GRADIO_SERVER_NAME", "0.0.0.0")
     monkeypatch.setenv("GRADIO_SERVER_PORT", "8001")
     opts = app_options(["--ckpt", "x.ckpt"])
-    assert (opts.host, opts.port) == ("0.0.0.0", 8001)
+    assert (opts["host"], opts["port"]) == ("0.0.0.0", 8001)
     opts = app_options(["--ckpt", "x.ckpt", "--host", "127.0.0.1", "--port", "9000"])
-    assert (opts.host, opts.port) == ("127.0.0.1", 9000)
+    assert (opts["host"], opts["port"]) == ("127.0.0.1", 9000)
     monkeypatch.setenv("GRADIO_SERVER_PORT", "http")
     with pytest.raises(SystemExit) as exit_:
         main(["app", "--ckpt", "x.ckpt"])
@@ -344,3 +352,146 @@ def test_an_unknown_option_in_a_config_file_is_one_line(tmp_path, capsys):
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown option 'port_number'" in err[0] and "port" in err[0]
+
+
+def _key(tree: dict, dotted: str):
+    for part in dotted.split("."):
+        tree = tree[part]
+    return tree
+
+
+# Every command, dry: no data set, checkpoint or image exists; `--print_config` prints the options, recipe included.
+@pytest.mark.parametrize("argv, expected", [
+    (["fit", "--config", "smoke", "--trainer.max_epochs", "3"], {"trainer.max_epochs": 3, "run.name": "smoke"}),
+    (["stats", "--config", "smoke", "--num_images", "8"], {"num_images": 8, "out": None, "run.name": "smoke"}),
+    (["lr-find", "--config", "smoke", "--num_iter", "50"], {"num_iter": 50, "min_lr": 1e-7,
+                                                            "model.arch": "custom_resnet"}),
+    (["audit", "--config", "smoke", "--folds", "3"], {"folds": 3, "model.arch": "custom_resnet"}),
+    (["app", "--ckpt", "/no/m.ckpt", "--port", "8001"], {"ckpt": "/no/m.ckpt", "port": 8001, "data.source": "auto"}),
+    (["predict", "/no/a.jpg", "--ckpt", "/no/m.ckpt"], {"images": ["/no/a.jpg"], "top_k": 3, "device": "auto"}),
+    (["report", "--ckpt", "/no/m.ckpt", "--data.root", "/no/data"], {"data.root": "/no/data", "count": 32}),
+    (["export", "--ckpt", "/no/m.ckpt", "--tta", "true"], {"tta": True, "opset": 18, "format": "onnx"}),
+])
+def test_every_command_prints_its_configuration(argv, expected, capsys):
+    import yaml
+
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, "--print_config"])
+    assert exit_.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    for key, value in expected.items():
+        assert _key(printed, key) == value, key
+
+
+@pytest.mark.parametrize("command, own", [("stats", "num_images: 8"), ("lr-find", "num_iter: 40"),
+                                          ("audit", "folds: 4")])
+def test_recipe_commands_read_their_own_options_from_config_files_too(command, own, tmp_path, capsys):
+    import yaml
+
+    mine = tmp_path / "mine.yaml"
+    mine.write_text(f"{own}\ndata:\n  batch_size: 2\n")
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--config", "smoke", "--config", str(mine), "--print_config"])
+    assert exit_.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    key, value = own.split(": ")
+    assert printed[key] == int(value)
+    assert printed["data"]["batch_size"] == 2 and printed["model"]["arch"] == "custom_resnet"  # the recipe, then mine
+
+
+@pytest.mark.parametrize("command, option, doc", [
+    ("stats", "--num_images", "Images in the preview grid. (type: PositiveInt, default: 32)"),
+    ("lr-find", "--num_iter", "Batches in the sweep (the LR grows exponentially). (type: PositiveInt, default: 200)"),
+    ("audit", "--folds", "Cross-validation folds, 2 or more (each trains the recipe once). (required, type: int)"),
+    ("app", "--data.root", "Test data (ImageFolder root); default: the data the checkpoint was trained on."),
+    ("predict", "--top_k", "Classes per image, most probable first. (type: PositiveInt, default: 3)"),
+    ("report", "--projection", "How the embedding map is drawn (t-SNE: clearer clusters; PCA: faster). (type: "
+                               "Literal['tsne', 'pca'], default: tsne)"),
+    ("export", "--opset", "ONNX opset version. (type: int, default: 18)"),
+])
+def test_help_lists_each_typed_option_with_its_docstring(command, option, doc, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"usage: cifarlab {command}" in out
+    assert f"{option} " in out and doc in out
+    if command in ("stats", "lr-find", "audit"):  # the recipe's options come with the command's own
+        assert "--model.optimizer.lr" in out or "--model CONFIG" in out
+
+
+def test_parse_errors_become_one_line_naming_the_field():
+    from cifarlab.commands.parsing import legacy_hint, summarize_parse_error
+
+    # What jsonargparse says for `--model.tta.level 3`: the settings group is a union with None.
+    union = ('Parser key "model.tta":\n  Does not validate against any of the Union subtypes\n  Subtypes: [<class '
+             "'cifarlab.module.TTAConfig'>, <class 'NoneType'>]\n  Errors:\n    - Problem with given class_path "
+             "'cifarlab.module.TTAConfig':\n        Parser key \"level\":\n          Expected a typing.Literal[0, 1, "
+             "2]. Got value: 3\n    - Expected a <class 'NoneType'>\n  Given value type: <class 'NestedArg'>")
+    expected = 'Parser key "model.tta.level": Expected a typing.Literal[0, 1, 2]. Got value: 3'
+    assert summarize_parse_error(union) == expected
+    plain = 'Parser key "top_k":\n  Not of type PositiveInt: 0 does not conform to restriction v>0'
+    assert summarize_parse_error(plain) == " ".join(plain.split("\n  "))  # one line, nothing left out
+    # A model argument of older cifarlab versions: as a flag, and as a key of a YAML file.
+    assert "--model.lr is --model.optimizer.lr" in legacy_hint("unrecognized arguments: --model.lr 0.1")
+    assert "--model.lr is --model.optimizer.lr" in legacy_hint("Group 'model' does not accept option 'lr'")
+    assert legacy_hint("unrecognized arguments: --model.optimizer.lr 0.1") == ""
+    assert legacy_hint("unrecognized arguments: --no_such_option 1") == ""
+
+
+def test_a_config_file_that_is_not_a_mapping_or_not_yaml_is_one_line(tmp_path, capsys):
+    for text, message in (("- a\n- b\n", "must be a YAML mapping"), ("ckpt: [unclosed\n", "is not valid YAML")):
+        cfg = tmp_path / "opts.yaml"
+        cfg.write_text(text)
+        with pytest.raises(SystemExit) as exit_:
+            main(["export", "--config", str(cfg)])
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0]
+
+
+def _imports() -> dict[str, set[str]]:
+    """Each module of cifarlab -> the cifarlab modules it imports, at the top or inside functions."""
+    import ast
+
+    src = REPO / "src" / "cifarlab"
+    names = {}
+    for path in src.rglob("*.py"):
+        parts = path.relative_to(src.parent).with_suffix("").parts
+        names[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph = {}
+    for name, path in names.items():
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                found |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+        graph[name] = {dep for dep in found if dep in names and dep != name}
+    return graph
+
+
+def test_commands_sit_on_top_and_no_module_imports_itself_back():
+    graph = _imports()
+    front = {"cifarlab.cli", "cifarlab.__main__"} | {m for m in graph if m.startswith("cifarlab.commands")}
+    below = {m: deps & front for m, deps in graph.items() if m not in front and deps & front}
+    assert not below, f"modules under the commands import them: {below}"
+    cycles = []
+    for start in graph:  # a path from a module's imports back to it is a cycle
+        seen, todo = set(), list(graph[start])
+        while todo:
+            module = todo.pop()
+            if module == start:
+                cycles.append(start)
+                break
+            if module not in seen:
+                seen.add(module)
+                todo += graph[module]
+    assert not cycles, f"modules on an import cycle: {sorted(cycles)}"
+
+
+def test_the_command_line_imports_no_optional_extra():
+    code = "import sys, cifarlab.cli; print(sorted(m for m in ('gradio', 'pytorch_grad_cam', 'cleanlab', 'onnx') " \
+           "if m in sys.modules))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout.strip() == "[]"

@@ -1,9 +1,15 @@
-"""The Gradio app: classify any image with its Grad-CAM, browse the test set's mistakes and successes.
+"""The Gradio app: classify any image with its Grad-CAM, browse the test set's mistakes, audit the data.
 
     cifarlab app --ckpt runs/seed/version_0/checkpoints/last.ckpt [--data.root DIR] [--host 127.0.0.1] [--port 7860]
 
-Named API endpoints (see the README): ``/classify``, ``/mistakes``, ``/correct``, ``/label_issues``,
-``/near_duplicates``, ``/embedding_near`` and, with ``--compare``, ``/compare``.
+The page is served as soon as the checkpoint is read: Classify works at once. The test set, its predictions, the
+data audit (label issues, features, the embedding map, the duplicate search) and a second checkpoint's predictions
+are prepared in a background thread (``Preparation``), each data tab showing what it waits for and filling itself
+when it is ready.
+
+Named API endpoints (see docs/app.md): ``/classify``, ``/status``, ``/mistakes``, ``/correct``, ``/label_issues``,
+``/near_duplicates``, ``/embedding_near`` and, with ``--compare``, ``/compare``. A data endpoint called before its
+data is ready answers with an error saying what it waits for (``/status`` tells the progress).
 """
 
 # ruff: noqa: E402  (the environment is set before the imports that read it)
@@ -15,9 +21,14 @@ import os
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import base64
 import hashlib
 import io
 import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import gradio as gr
@@ -26,9 +37,11 @@ import torch
 from gradio.utils import get_upload_folder
 from PIL import Image
 
-from cifarlab import audit
+from cifarlab import audit, views
 from cifarlab import cam as cams
 from cifarlab.checkpoint import load_classifier
+from cifarlab.errors import CifarlabError
+from cifarlab.files import atomic_path, write_bytes
 from cifarlab.inference import (
     DECODE_MIN_SIZE,
     MAX_IMAGE_BYTES,
@@ -40,17 +53,17 @@ from cifarlab.inference import (
     model_input,
     predict_test_set,
 )
-from cifarlab.report import class_accuracy, plot_confusion, plot_embedding
+from cifarlab.plots import plot_confusion, plot_embedding
 from cifarlab.runs import Run
+from cifarlab.views import ANY, COMPARE_CHOICES
 
 PANEL = 224  # pixels: side of each image panel (the 32x32 input upscaled 7x)
 THUMB = 128  # pixels: gallery thumbnails
 # Seconds an output image stays in Gradio's cache (enough for a page to show it), so a long-running app's temp
 # files stay bounded; Gradio prunes them (its `delete_cache`) once per this period too.
 GRADIO_CACHE_AGE = 3600
-ANY = "any"
 MAP_PIXELS = 760  # side of the embedding map's PNG; a click's pixel coordinates are divided by it
-COMPARE_CHOICES = ("A right, B wrong", "B right, A wrong")
+POLL_S = 1.0  # seconds between the page's progress updates while data is being prepared
 # System fonts: the default theme fetches Google Fonts, and the page must request nothing off this machine.
 THEME = gr.themes.Soft(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
 
@@ -69,8 +82,6 @@ def raw_upload(component: gr.Image) -> gr.Image:
         if payload.path:
             return payload.path
         if payload.url and payload.url.startswith("data:"):
-            import base64
-
             return base64.b64decode(payload.url.split(",", 1)[1])
         return None
 
@@ -78,29 +89,117 @@ def raw_upload(component: gr.Image) -> gr.Image:
     return component
 
 
+# ---------------------------------------------------------------------------------------------- background work
+@dataclass
+class Step:
+    """One piece of background work: what it computes, its state (waiting, running, ready, failed) and progress."""
+
+    key: str
+    what: str
+    run: Callable[[Callable[[int, int], None]], None]
+    state: str = "waiting"
+    done: int = 0
+    total: int = 0
+    started: float = 0.0
+    error: str = ""
+
+    def report(self, done: int, total: int) -> None:
+        self.done, self.total = done, total
+
+    def describe(self) -> str:
+        if self.state == "running":
+            count = f": {self.done:,} of {self.total:,} ({self.done / self.total:.0%})" if self.total else ""
+            return f"{self.what}{count}, {time.monotonic() - self.started:.0f} s so far"
+        return f"{self.what} ({self.state}{': ' + self.error if self.error else ''})"
+
+
+class Preparation:
+    """The data tabs' work, step by step in one background thread, in the order the tabs need it; a step that
+    fails marks the steps after it failed too, and says why on the page and on the terminal."""
+
+    def __init__(self, steps: list[Step]):
+        self.steps = {s.key: s for s in steps}
+        self._thread = threading.Thread(target=self._work, name="cifarlab-prepare", daemon=True)
+        self._changed = threading.Condition()
+
+    def start(self) -> None:
+        if not self._thread.is_alive() and all(s.state == "waiting" for s in self.steps.values()):
+            self._thread.start()
+
+    def _work(self) -> None:
+        failed = ""
+        for step in self.steps.values():
+            if failed:
+                step.state, step.error = "failed", failed
+                continue
+            step.state, step.started = "running", time.monotonic()
+            try:
+                step.run(step.report)
+                step.state = "ready"
+            except Exception as err:  # shown on the page and on the terminal: the app keeps serving Classify
+                step.state, step.error = "failed", str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
+                failed = f"needs {step.what}, which failed"
+                print(f"cifarlab app: {step.what} failed: {step.error}", flush=True)
+            with self._changed:
+                self._changed.notify_all()
+
+    def ready(self, key: str) -> bool:
+        return key in self.steps and self.steps[key].state == "ready"
+
+    def finished(self) -> bool:
+        return all(s.state in ("ready", "failed") for s in self.steps.values())
+
+    def wait(self, key: str | None = None, timeout: float | None = None) -> bool:
+        """Block until step ``key`` (default: every step) is ready or failed; whether it is ready."""
+        self.start()
+        keys = [key] if key else list(self.steps)
+        with self._changed:
+            self._changed.wait_for(lambda: all(self.steps[k].state in ("ready", "failed") for k in keys), timeout)
+        return all(self.ready(k) for k in keys)
+
+    def waiting_for(self, key: str) -> str:
+        """Markdown for a tab that needs step ``key``: empty when it is ready, else what runs now and what it waits
+        for."""
+        step = self.steps.get(key)
+        if step is None or step.state == "ready":
+            return ""
+        if step.state == "failed":
+            return f"**Not available**: {step.what} failed ({step.error})."
+        current = next((s for s in self.steps.values() if s.state == "running"), None)
+        now = f" Now: {current.describe()}." if current is not None and current is not step else ""
+        return f"⏳ Preparing: **{step.describe()}**.{now} This tab fills itself when it is ready."
+
+    def status(self) -> dict:
+        """Every step's state and progress (the ``/status`` endpoint)."""
+        return {s.key: {"what": s.what, "state": s.state, "done": s.done, "total": s.total, "error": s.error}
+                for s in self.steps.values()}
+
+
+# ---------------------------------------------------------------------------------------------- the app
 class CifarApp:
-    """The model and the test-set predictions behind the page; every handler of the page is a method here."""
+    """The model, the data behind the page (prepared in the background) and every handler of the page."""
 
     def __init__(self, ckpt_path: str | Path, data_root: str | None = None, source: str = "auto",
                  compare: str | Path | None = None, projection: str = "tsne"):
         self.ckpt_path = Path(ckpt_path)
         self.model = load_classifier(self.ckpt_path)
         self.classes = list(self.model.class_names)
-        self.layers = cams.target_layers(self.model.net)
+        self.layers = views.layers_of(self.model.net)
         # The other checkpoint of `--compare`: checked before any slow work, so a wrong pair fails at once.
         self.other = load_classifier(compare) if compare else None
         self.other_path = Path(compare) if compare else None
         if self.other is not None:
             audit.check_same_classes(self.classes, list(self.other.class_names), f"--ckpt {ckpt_path}",
                                      f"--compare {compare}")
-        # The test set: the given root, else the training data if it is at hand (else the page only classifies).
-        dm = eval_datamodule(self.model, data_root, source, required=data_root is not None or compare is not None)
-        self.test: Predictions | None = predict_test_set(self.model, self.ckpt_path, dm) if dm else None
-        self.audit = audit.DataAudit.build(self.model, self.ckpt_path, self.test, dm, projection) if dm else None
-        self.other_test = predict_test_set(self.other, self.other_path, dm) if self.other is not None else None
-        self.other_layers = cams.target_layers(self.other.net) if self.other is not None else {}
-        self.comparison = (audit.compare_runs(self.test.probs, self.other_test.probs, self.test.labels, self.classes,
-                                              list(self.other.class_names)) if self.other_test is not None else None)
+        if data_root is not None and not Path(data_root).expanduser().is_dir():
+            raise CifarlabError(f"--data.root {data_root} is not a folder: pass the ImageFolder root (with train/ and "
+                                "test/) or leave it out to use the data the checkpoint was trained on")
+        self.data_root, self.source, self.projection = data_root, source, projection
+        self.dm = None
+        self.test: Predictions | None = None
+        self.audit: audit.DataAudit | None = None
+        self.other_test: Predictions | None = None
+        self.comparison: audit.Comparison | None = None
         self.run = Run.of_checkpoint(self.ckpt_path)
         self.run_dir = self.run.dir
         self._files = tempfile.TemporaryDirectory(prefix="cifarlab-app-")
@@ -108,6 +207,54 @@ class CifarApp:
         self._panels = Path(get_upload_folder()) / "cifarlab"
         self._panels.mkdir(parents=True, exist_ok=True)
         self._map_extent: dict[str, tuple[float, float, float, float]] = {}  # per colouring: (x0, x1, y0, y1)
+        self.prep = Preparation(self._steps())
+
+    def _steps(self) -> list[Step]:
+        """The background work, in the order the tabs need it (the audit's own steps come from ``DataAudit``)."""
+        steps = [Step("data", "the test set", self._load_data),
+                 Step("test", "the test-set predictions", self._predict)]
+        if self.other is not None:
+            steps.append(Step("compare", "the second checkpoint's test-set predictions", self._predict_other))
+        names = ("issues", "features", "map", "duplicates")
+        placeholder = audit.DataAudit(self.model, self.ckpt_path, None, None, self.projection)
+        for key, (what, _) in zip(names, placeholder.steps()):
+            steps.append(Step(key, what, self._audit_step(key)))
+        return steps
+
+    def _load_data(self, report) -> None:
+        required = self.data_root is not None or self.other is not None
+        self.dm = eval_datamodule(self.model, self.data_root, self.source, required=required)
+        if self.dm is None:
+            raise CifarlabError("the training data is not at hand: start the app with --data.root DIR to browse "
+                                "test images")
+
+    def _predict(self, report) -> None:
+        self.test = predict_test_set(self.model, self.ckpt_path, self.dm, report=report)
+        self.audit = audit.DataAudit(self.model, self.ckpt_path, self.test, self.dm, self.projection)
+
+    def _predict_other(self, report) -> None:
+        self.other_test = predict_test_set(self.other, self.other_path, self.dm, report=report)
+        self.comparison = audit.compare_runs(self.test.probs, self.other_test.probs, self.test.labels, self.classes,
+                                             list(self.other.class_names))
+
+    def _audit_step(self, key: str):
+        def run(report):
+            index = ("issues", "features", "map", "duplicates").index(key)
+            self.audit.steps()[index][1](report)
+        return run
+
+    def start(self) -> CifarApp:
+        """Start preparing the data tabs in the background."""
+        self.prep.start()
+        return self
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until every data tab is prepared (tests, scripts); whether all of it succeeded."""
+        return self.prep.wait(timeout=timeout)
+
+    def _need(self, key: str) -> None:
+        if not self.prep.ready(key):
+            raise gr.Error(self.prep.waiting_for(key).replace("**", "") or f"{key} is not ready")
 
     # ------------------------------------------------------------------ classify
     def classify_image(self, image, top_k: int = 3, opacity: float = 0.5, layer: str | None = None,
@@ -115,6 +262,8 @@ class CifarApp:
         """Upload -> (top-k label dict, 32x32 input, CAM, overlay, faithfulness text)."""
         if image is None:
             raise gr.Error("Upload an image first.")
+        if method not in cams.CAM_METHODS:
+            raise gr.Error(f"unknown CAM method {method!r}: choose one of {', '.join(cams.CAM_METHODS)}")
         try:
             pixels = decode_upload(image, min_size=DECODE_MIN_SIZE)
         except ImageError as err:
@@ -127,21 +276,12 @@ class CifarApp:
         top = torch.topk(probs, top_k)
         label = {self.classes[i]: float(p) for p, i in zip(top.values.tolist(), top.indices.tolist())}
         pred = int(top.indices[0])
-        cam, seen, heat, over = self._cam_panels(x, [pred], layer, method, opacity, PANEL)
+        image = x[0].permute(1, 2, 0).numpy()
+        cam = views.cam_maps(self.model, image[None], [pred], views.CamSettings(layer, method))
         cam_drop, random_drop = cams.faithfulness(self.model, x, cam, [pred])
         text = faithfulness_text(float(cam_drop[0]), float(random_drop[0]), self.classes[pred])
-        return label, self._png(seen[0]), self._png(heat[0]), self._png(over[0]), text
-
-    def _cam_panels(self, x, classes, layer, method, opacity, size):
-        layer = layer if layer in self.layers else next(iter(self.layers))
-        if method not in cams.CAM_METHODS:
-            raise gr.Error(f"unknown CAM method {method!r}: choose one of {', '.join(cams.CAM_METHODS)}")
-        maps = cams.compute_cams(self.model, x, self.layers[layer], method, classes)
-        images = x.permute(0, 2, 3, 1).numpy()
-        seen = [cams.upscale(im, size) for im in images]
-        heat = [cams.heatmap(m, size) for m in maps]
-        over = [cams.overlay(im, m, opacity, size) for im, m in zip(images, maps)]
-        return maps, seen, heat, over
+        return (label, self._png(cams.upscale(image, PANEL)), self._png(cams.heatmap(cam[0], PANEL)),
+                self._png(cams.overlay(image, cam[0], opacity, PANEL)), text)
 
     def _png(self, pixels: np.ndarray) -> str:
         """``pixels`` (H, W, 3) uint8 as a PNG file named by its content, written once; returns its path.
@@ -157,50 +297,42 @@ class CifarApp:
         if path.exists():
             os.utime(path)  # in use again: Gradio's pruning ages files by their ctime
         else:
-            fd, part = tempfile.mkstemp(dir=self._panels, suffix=".part")
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(part, path)  # readers see no file or the whole file, never part of one
+            write_bytes(path, data)  # readers see no file or the whole file, never part of one
         return str(path)
 
-    # ------------------------------------------------------------------ test-set galleries
-    def _need_test(self) -> Predictions:
-        if self.test is None:
-            raise gr.Error("No test set: start the app with --data.root DIR to browse test images.")
-        return self.test
+    def _gallery(self, view: views.View) -> tuple[list, str]:
+        return [(self._png(p), c) for p, c in zip(view.panels, view.captions)], view.summary
 
+    def example_files(self, per_class: int = 1) -> list[str]:
+        """A few test images saved as PNG for the page's examples (one per class), once the test set is loaded."""
+        if self.dm is None:
+            return []
+        test = self.dm.test_set
+        labels = test.labels.numpy()
+        out = []
+        for c, name in enumerate(self.classes):
+            for i in np.flatnonzero(labels == c)[:per_class]:
+                path = Path(self._files.name) / f"example-{name}-{i}.png"
+                if not path.exists():
+                    Image.fromarray(test.images[i]).save(path)
+                out.append(str(path))
+        return out
+
+    # ------------------------------------------------------------------ test-set galleries
     def select(self, kind: str, true_cls: str = ANY, pred_cls: str = ANY) -> np.ndarray:
         """Indices of test images: ``mistakes`` most-confidently-wrong first, ``correct`` most confident first."""
-        t = self._need_test()
-        keep = (t.preds != t.labels) if kind == "mistakes" else (t.preds == t.labels)
-        if true_cls not in (ANY, None, ""):
-            keep &= t.labels == self.classes.index(true_cls)
-        if pred_cls not in (ANY, None, ""):
-            keep &= t.preds == self.classes.index(pred_cls)
-        idx = np.flatnonzero(keep)
-        return idx[np.argsort(-t.confidence[idx], kind="stable")]
+        self._need("test")
+        return views.select(self.test, kind, views.class_filter(self.classes, true_cls),
+                            views.class_filter(self.classes, pred_cls))
 
     def gallery(self, kind: str, true_cls: str = ANY, pred_cls: str = ANY, count: int = 12, opacity: float = 0.5,
                 layer: str | None = None, method: str = "Grad-CAM"):
         """Gallery items ``(overlay, caption)`` for the first ``count`` selected test images, and a summary."""
-        t = self._need_test()
-        idx = self.select(kind, true_cls, pred_cls)
-        shown = idx[: int(count)]
-        if len(shown) == 0:
-            return [], f"0 {kind} in {len(t.labels)} test images for this filter."
-        x = torch.from_numpy(t.images[shown]).permute(0, 3, 1, 2).contiguous()
-        maps, _, _, over = self._cam_panels(x, t.preds[shown].tolist(), layer, method, opacity, THUMB)
-        cam_drop, random_drop = cams.faithfulness(self.model, x, maps, t.preds[shown].tolist())
-        items = []
-        for j, i in enumerate(shown):
-            caption = (f"true {self.classes[t.labels[i]]} | pred {self.classes[t.preds[i]]} "
-                       f"{t.confidence[i]:.0%} | CAM drop {cam_drop[j]:+.2f} vs random {random_drop[j]:+.2f}")
-            items.append((self._png(over[j]), caption))
-        layer = layer if layer in self.layers else next(iter(self.layers))
-        summary = (f"{len(idx)} {kind} in {len(t.labels)} test images (showing {len(shown)}); CAM = "
-                   f"{method} on {layer}. Mean confidence drop with the CAM's top 20% removed "
-                   f"{cam_drop.mean():.3f}, with 20% random pixels removed {random_drop.mean():.3f}.")
-        return items, summary
+        self._need("test")
+        view = views.predictions_view(self.model, self.test, kind, views.class_filter(self.classes, true_cls),
+                                      views.class_filter(self.classes, pred_cls), count,
+                                      views.CamSettings(layer, method, opacity, THUMB))
+        return self._gallery(view)
 
     def mistakes(self, true_cls=ANY, pred_cls=ANY, count=12, opacity=0.5, layer=None, method="Grad-CAM"):
         return self.gallery("mistakes", true_cls, pred_cls, count, opacity, layer, method)
@@ -210,18 +342,14 @@ class CifarApp:
 
     # ------------------------------------------------------------------ confusion + training
     def confusion_outputs(self):
-        t = self._need_test()
-        cm = t.confusion_matrix()
+        self._need("test")
+        cm = self.test.confusion_matrix()
         path = Path(self._files.name) / "confusion.png"
         if not path.exists():  # the test set never changes: drawn once, not on every page load
-            fd, part = tempfile.mkstemp(dir=self._files.name, suffix=".png")
-            os.close(fd)
-            plot_confusion(cm, self.classes, Path(part))
-            os.replace(part, path)  # a page loading meanwhile never reads a half-written file
-        per_class = class_accuracy(cm)
-        table = [[c, f"{a:.1%}", int(cm[i].sum())] for i, (c, a) in enumerate(zip(self.classes, per_class))]
+            with atomic_path(path) as part:  # a page loading meanwhile never reads a half-written file
+                plot_confusion(cm, self.classes, part)
         matrix = [[self.classes[i], *map(int, row)] for i, row in enumerate(cm)]
-        return str(path), table, matrix
+        return str(path), views.per_class_rows(cm, self.classes), matrix
 
     def cell_mistakes(self, evt: gr.SelectData, count: int, opacity: float, layer: str, method: str):
         row, col = evt.index
@@ -232,194 +360,91 @@ class CifarApp:
         return self.gallery(kind, true_cls, pred_cls, count, opacity, layer, method)
 
     # ------------------------------------------------------------------ data audit
-    def _need_audit(self) -> audit.DataAudit:
-        if self.audit is None:
-            raise gr.Error("No test set: start the app with --data.root DIR to audit the data.")
-        return self.audit
-
-    def _layer(self, layers: dict, layer: str | None):
-        return layers[layer] if layer in layers else next(iter(layers.values()))
-
     def label_issue_gallery(self, split: str = "test", given_cls: str = ANY, count: int = 12,
                             opacity: float = 0.5, layer: str | None = None, method: str = "Grad-CAM"):
         """cleanlab's likely label errors of ``split`` (test, or train after ``cifarlab audit``), most likely first:
         items ``(image | CAM of the given label | CAM of the suggested label, caption)`` and a summary."""
-        a = self._need_audit()
         if split not in ("test", "train"):
             raise gr.Error(f"unknown split {split!r}: choose test or train")
-        if split not in a.issues:
+        self._need("issues")
+        if split not in self.audit.issues:
             raise gr.Error("No training-set audit yet: run `cifarlab audit --config RECIPE --folds 2 --data.root "
                            "DIR`, then start the app again.")
-        issues = a.issues[split]
-        t = self._need_test()
-        images, labels = (t.images, t.labels) if split == "test" else (a.train_images, a.train_labels)
-        probs = t.probs if split == "test" else a.train_probs
-        idx = issues.flagged
-        if given_cls not in (ANY, None, ""):
-            idx = idx[labels[idx] == self.classes.index(given_cls)]
-        shown = idx[: int(count)]
-        items = []
-        if len(shown):
-            x = torch.from_numpy(images[shown]).permute(0, 3, 1, 2).contiguous()
-            target = self._layer(self.layers, layer)
-            given = cams.compute_cams(self.model, x, target, method, labels[shown].tolist())
-            suggested = cams.compute_cams(self.model, x, target, method, issues.suggested[shown].tolist())
-            for j, i in enumerate(shown):
-                panel = audit.side_by_side([cams.upscale(images[i], THUMB),
-                                            cams.overlay(images[i], given[j], opacity, THUMB),
-                                            cams.overlay(images[i], suggested[j], opacity, THUMB)])
-                s = issues.suggested[i]
-                caption = (f"{split} #{i}: given {self.classes[labels[i]]} ({probs[i, labels[i]]:.0%}) -> suggested "
-                           f"{self.classes[s]} ({probs[i, s]:.0%}) | label quality {issues.quality[i]:.3f}")
-                items.append((self._png(panel), caption))
-        n = len(labels)
-        summary = (f"cleanlab flags **{len(issues.flagged)}** of {n} {split} images ({len(issues.flagged) / n:.1%}) "
-                   f"as likely mislabeled (showing {len(shown)} of {len(idx)} for this filter). ")
-        if split == "test":
-            keep = np.ones(n, bool)
-            keep[issues.flagged] = False
-            summary += (f"Test accuracy {audit.accuracy(t.preds, t.labels):.2%} on all images, "
-                        f"{audit.accuracy(t.preds, t.labels, keep):.2%} without the flagged ones. ")
-        else:
-            summary += f"Out-of-sample probabilities from {a.train_source}. "
-        layer = layer if layer in self.layers else next(iter(self.layers))
-        summary += (f"Panels: the image, then {method} on {layer} for the given label, then for the suggested one "
-                    "(this checkpoint's CAMs).")
-        return items, summary
+        view = views.label_issues_view(self.model, self.audit, split, views.class_filter(self.classes, given_cls),
+                                       count, views.CamSettings(layer, method, opacity, THUMB))
+        return self._gallery(view)
 
     def duplicate_gallery(self, threshold: float = audit.DUPLICATE_SIMILARITY, count: int = 12):
         """Test images with a near-duplicate in the training set (most similar first): items
         ``(test image | training image, caption)`` and a summary with the de-duplicated test accuracy."""
-        a = self._need_audit()
-        t = self._need_test()
-        dups = a.duplicates(float(threshold))
-        shown = dups[: int(count)]
-        items = []
-        for i in shown:
-            j = a.emb.nearest[i]
-            panel = audit.side_by_side([cams.upscale(t.images[i], THUMB), cams.upscale(a.train_images[j], THUMB)])
-            same = "" if t.labels[i] == a.train_labels[j] else " | LABELS DIFFER"
-            caption = (f"test #{i} {self.classes[t.labels[i]]} (pred {self.classes[t.preds[i]]}) | train #{j} "
-                       f"{self.classes[a.train_labels[j]]} | similarity {a.emb.similarity[i]:.3f}{same}")
-            items.append((self._png(panel), caption))
-        n = len(t.labels)
-        keep = np.ones(n, bool)
-        keep[dups] = False
-        deduplicated = audit.accuracy(t.preds, t.labels, keep)
-        summary = (f"**{len(dups)}** of {n} test images ({len(dups) / n:.1%}) have a training image with similarity "
-                   f">= {float(threshold):.2f} (showing {len(shown)}). Test accuracy "
-                   f"{audit.accuracy(t.preds, t.labels):.2%} on all images, **{deduplicated:.2%}** on the "
-                   f"de-duplicated test set ({int(keep.sum())} images)")
-        if len(dups):
-            summary += f", {audit.accuracy(t.preds, t.labels, ~keep):.2%} on the duplicates themselves"
-        summary += (". Similarity: pixel correlation with the closest of the 5 training images nearest in the "
-                    "network's features.")
-        return items, summary
+        self._need("duplicates")
+        return self._gallery(views.duplicates_view(self.audit, float(threshold), count, THUMB))
 
     def embedding_map(self, color_by: str = "true class") -> str:
         """The test set's 2-D map as a PNG path, coloured by true or predicted class, mistakes ringed."""
-        a = self._need_audit()
-        t = self._need_test()
+        self._need("map")
+        t = self.test
         key = "pred" if color_by.startswith("pred") else "true"
         path = Path(self._files.name) / f"map-{key}.png"
         if key not in self._map_extent:
-            fd, part = tempfile.mkstemp(dir=self._files.name, suffix=".png")
-            os.close(fd)
             labels = t.preds if key == "pred" else t.labels
-            self._map_extent[key] = plot_embedding(a.emb.map2d, labels, self.classes, t.preds != t.labels,
-                                                   Path(part), title=f"colour: {key} class",
-                                                   pixels=MAP_PIXELS)
-            os.replace(part, path)
+            with atomic_path(path) as part:
+                self._map_extent[key] = plot_embedding(self.audit.map2d, labels, self.classes, t.preds != t.labels,
+                                                       part, title=f"colour: {key} class", pixels=MAP_PIXELS)
         return str(path)
 
     def embedding_near(self, x: float, y: float, count: int = 12, opacity: float = 0.5, layer: str | None = None,
                        method: str = "Grad-CAM"):
         """The ``count`` test images nearest to the point ``(x, y)`` of the map image, as fractions of its width and
         height from the top-left corner (a click): gallery items with CAMs and a summary of that region."""
-        a = self._need_audit()
-        t = self._need_test()
         if not (0 <= float(x) <= 1 and 0 <= float(y) <= 1):
             raise gr.Error("x and y are fractions of the map's width and height, between 0 and 1")
         self.embedding_map()
         x0, x1, y0, y1 = self._map_extent["true"]
         point = np.array([x0 + float(x) * (x1 - x0), y1 - float(y) * (y1 - y0)])
-        shown = np.argsort(((a.emb.map2d - point) ** 2).sum(1), kind="stable")[: int(count)]
-        xb = torch.from_numpy(t.images[shown]).permute(0, 3, 1, 2).contiguous()
-        maps = cams.compute_cams(self.model, xb, self._layer(self.layers, layer), method, t.preds[shown].tolist())
-        items = []
-        for j, i in enumerate(shown):
-            mark = "" if t.preds[i] == t.labels[i] else " | WRONG"
-            caption = (f"#{i} true {self.classes[t.labels[i]]} | pred {self.classes[t.preds[i]]} "
-                       f"{t.confidence[i]:.0%}{mark}")
-            items.append((self._png(cams.overlay(t.images[i], maps[j], opacity, THUMB)), caption))
-        true_counts = np.bincount(t.labels[shown], minlength=len(self.classes))
-        mix = ", ".join(f"{self.classes[c]} {true_counts[c]}" for c in np.argsort(-true_counts) if true_counts[c])
-        wrong = int((t.preds[shown] != t.labels[shown]).sum())
-        summary = (f"The {len(shown)} test images nearest to ({point[0]:.1f}, {point[1]:.1f}) on the map: {wrong} "
-                   f"mistakes; true classes there: {mix}.")
-        return items, summary
+        view = views.near_point_view(self.model, self.test, self.audit.map2d, point, count,
+                                     views.CamSettings(layer, method, opacity, THUMB))
+        return self._gallery(view)
 
     def map_click(self, evt: gr.SelectData, count: int, opacity: float, layer: str, method: str):
         """A click on the map image (pixel coordinates of the PNG) -> ``embedding_near``."""
         px, py = evt.index
         return self.embedding_near(px / MAP_PIXELS, py / MAP_PIXELS, count, opacity, layer, method)
 
-    def _need_other(self) -> Predictions:
-        if self.other_test is None:
-            raise gr.Error("No second checkpoint: start the app with --compare OTHER.ckpt to compare two runs.")
-        return self.other_test
-
     def compare_table(self) -> list[list]:
         """Per-class accuracy of both checkpoints and B - A, in points."""
-        self._need_other()
-        c = self.comparison
-        rows = [[name, f"{a:.1%}", f"{b:.1%}", f"{100 * (b - a):+.1f}"]
-                for name, a, b in zip(self.classes, c.per_class_a, c.per_class_b)]
-        return [*rows, ["all", f"{c.acc_a:.2%}", f"{c.acc_b:.2%}", f"{100 * (c.acc_b - c.acc_a):+.2f}"]]
+        if self.other is None:
+            raise gr.Error("No second checkpoint: start the app with --compare OTHER.ckpt to compare two runs.")
+        self._need("compare")
+        return views.comparison_rows(self.comparison, self.classes)
 
-    def compare_gallery(self, which: str = "A right, B wrong", count: int = 12, opacity: float = 0.5,
+    def compare_gallery(self, which: str = COMPARE_CHOICES[0], count: int = 12, opacity: float = 0.5,
                         layer: str | None = None, method: str = "Grad-CAM"):
         """Test images that one checkpoint gets right and the other wrong: items ``(image | A's CAM | B's CAM,
         caption)``, each CAM for that checkpoint's own prediction, and a summary."""
-        t, o = self._need_test(), self._need_other()
-        c = self.comparison
         if which not in COMPARE_CHOICES:
             raise gr.Error(f"choose one of {', '.join(COMPARE_CHOICES)}")
-        idx = c.only_a if which == COMPARE_CHOICES[0] else c.only_b
-        shown = idx[: int(count)]
-        items = []
-        if len(shown):
-            x = torch.from_numpy(t.images[shown]).permute(0, 3, 1, 2).contiguous()
-            cam_a = cams.compute_cams(self.model, x, self._layer(self.layers, layer), method, t.preds[shown].tolist())
-            cam_b = cams.compute_cams(self.other, x, self._layer(self.other_layers, layer), method,
-                                      o.preds[shown].tolist())
-            for j, i in enumerate(shown):
-                panel = audit.side_by_side([cams.upscale(t.images[i], THUMB),
-                                            cams.overlay(t.images[i], cam_a[j], opacity, THUMB),
-                                            cams.overlay(t.images[i], cam_b[j], opacity, THUMB)])
-                caption = (f"#{i} true {self.classes[t.labels[i]]} | A: {self.classes[t.preds[i]]} "
-                           f"{t.confidence[i]:.0%} | B: {self.classes[o.preds[i]]} {o.confidence[i]:.0%}")
-                items.append((self._png(panel), caption))
-        summary = (f"A `{self.ckpt_path}` {c.acc_a:.2%}, B `{self.other_path}` {c.acc_b:.2%}: only A is right on "
-                   f"**{len(c.only_a)}** test images, only B on **{len(c.only_b)}** (showing {len(shown)} of {which}, "
-                   "the other checkpoint's surest wrong answers first). Panels: the image, A's CAM, B's CAM.")
-        return items, summary
+        self.compare_table()
+        view = views.comparison_view(self.model, self.other, self.test, self.other_test, self.comparison, which,
+                                     count, views.CamSettings(layer, method, opacity, THUMB), f"`{self.ckpt_path}`",
+                                     f"`{self.other_path}`")
+        return self._gallery(view)
 
     def training_files(self) -> dict[str, Path | None]:
         return {"curves": self.run.file("curves.png"), "lr_find": self.run.lr_find_plot,
                 "config": self.run.file("config.yaml")}
 
-    def example_files(self, per_class: int = 1) -> list[str]:
-        """A few test images saved as PNG for the page's examples (one per class)."""
-        if self.test is None:
-            return []
-        out = []
-        for c, name in enumerate(self.classes):
-            for i in np.flatnonzero(self.test.labels == c)[:per_class]:
-                path = Path(self._files.name) / f"example-{name}-{i}.png"
-                Image.fromarray(self.test.images[i]).save(path)
-                out.append(str(path))
-        return out
+    # ------------------------------------------------------------------ progress on the page
+    # Which step each data tab waits for, in the page's order.
+    TAB_NEEDS = {"examples": "data", "mistakes": "test", "correct": "test", "confusion": "test",
+                 "issues": "issues", "map": "map", "duplicates": "duplicates", "compare": "compare"}
+
+    def poll(self):
+        """Every data tab's waiting text and ready flag, and whether the page should keep polling."""
+        tabs = [k for k in self.TAB_NEEDS if k != "compare" or self.other is not None]
+        texts = [self.prep.waiting_for(self.TAB_NEEDS[k]) for k in tabs]
+        flags = [self.prep.ready(self.TAB_NEEDS[k]) for k in tabs]
+        return (*texts, *flags, gr.Timer(active=not self.prep.finished()))
 
 
 def faithfulness_text(cam_drop: float, random_drop: float, cls: str) -> str:
@@ -435,10 +460,18 @@ def faithfulness_text(cam_drop: float, random_drop: float, cls: str) -> str:
 
 def build_app(app: CifarApp) -> gr.Blocks:
     """The page: Classify, Mistakes, Correct, Confusion matrix, Likely mislabeled, Near-duplicates, Embedding map,
-    Compare (with a second checkpoint) and Training tabs."""
+    Compare (with a second checkpoint) and Training tabs. Data tabs fill themselves as their data gets ready."""
     layer_names = list(app.layers)
     methods = list(cams.CAM_METHODS)
     class_choices = [ANY, *app.classes]
+    waiting: dict[str, gr.Markdown] = {}  # per data tab: what it waits for
+    ready: dict[str, gr.Checkbox] = {}  # per data tab: a hidden flag whose change fills the tab
+
+    def status(key: str, elem_id: str | None = None):
+        waiting[key] = gr.Markdown(app.prep.waiting_for(app.TAB_NEEDS[key]), elem_id=elem_id)
+        ready[key] = gr.Checkbox(False, visible=False)
+        return ready[key]
+
     with gr.Blocks(title="cifarlab", delete_cache=(GRADIO_CACHE_AGE, GRADIO_CACHE_AGE)) as demo:
         gr.Markdown(f"# cifarlab\nCheckpoint `{app.ckpt_path}` · {len(app.classes)} classes: "
                     f"{', '.join(app.classes)}")
@@ -446,6 +479,8 @@ def build_app(app: CifarApp) -> gr.Blocks:
             layer = gr.Dropdown(layer_names, value=layer_names[0], label="CAM target layer (output size)")
             method = gr.Dropdown(methods, value=methods[0], label="CAM method")
             opacity = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Overlay opacity")
+        cam_inputs = [opacity, layer, method]
+
         with gr.Tab("Classify"):
             with gr.Row():
                 with gr.Column(scale=1):
@@ -461,17 +496,20 @@ def build_app(app: CifarApp) -> gr.Blocks:
                         heat = gr.Image(label="CAM", type="numpy", format="png")
                         over = gr.Image(label="Overlay", type="numpy", format="png")
                     faith = gr.Markdown()
-            examples = app.example_files()
-            if examples:
-                gr.Examples(examples=[[p] for p in examples], inputs=[upload], label="Test-set examples")
-            inputs = [upload, top_k, opacity, layer, method]
+            examples = gr.Gallery(label="Test-set examples (click one to classify it)", columns=10, height="auto",
+                                  allow_preview=False, elem_id="examples")
+            examples_ready = status("examples")
+            inputs = [upload, top_k, *cam_inputs]
             outputs = [label, seen, heat, over, faith]
             run.click(app.classify_image, inputs, outputs, api_name="classify")
             upload.upload(app.classify_image, inputs, outputs, api_visibility="private")
+            examples_ready.change(app.example_files, None, [examples], api_visibility="private")
+            picked = examples.select(_example_path, None, [upload], api_visibility="private")
+            picked.then(app.classify_image, inputs, outputs, api_visibility="private")
 
-        gallery_controls = {}
         for kind in ("mistakes", "correct"):
             with gr.Tab("Mistakes" if kind == "mistakes" else "Correct"):
+                flag = status(kind)
                 with gr.Row():
                     true_cls = gr.Dropdown(class_choices, value=ANY, label="True class")
                     pred_cls = gr.Dropdown(class_choices, value=ANY, label="Predicted class")
@@ -480,10 +518,12 @@ def build_app(app: CifarApp) -> gr.Blocks:
                 summary = gr.Markdown()
                 gallery = gr.Gallery(label=kind.capitalize(), columns=6, height="auto", format="png")
                 fn = app.mistakes if kind == "mistakes" else app.correct
-                show.click(fn, [true_cls, pred_cls, count, opacity, layer, method], [gallery, summary], api_name=kind)
-                gallery_controls[kind] = (count, gallery, summary)
+                controls = [true_cls, pred_cls, count, *cam_inputs]
+                show.click(fn, controls, [gallery, summary], api_name=kind)
+                _refresh_on(flag, fn, controls, [gallery, summary], [true_cls, pred_cls, count])
 
         with gr.Tab("Confusion matrix"):
+            flag = status("confusion")
             gr.Markdown("Rows are true classes, columns predicted. Click a count to see those images.")
             with gr.Row():
                 cm_image = gr.Image(label="Confusion matrix", type="filepath", interactive=False)
@@ -494,12 +534,13 @@ def build_app(app: CifarApp) -> gr.Blocks:
             cell_summary = gr.Markdown()
             cell_gallery = gr.Gallery(columns=6, height="auto", format="png")
             count_cm = gr.Slider(1, 64, value=12, step=1, label="Images")
-            matrix.select(app.cell_mistakes, [count_cm, opacity, layer, method], [cell_gallery, cell_summary],
+            matrix.select(app.cell_mistakes, [count_cm, *cam_inputs], [cell_gallery, cell_summary],
                           api_visibility="private")
-            if app.test is not None:
-                demo.load(app.confusion_outputs, None, [cm_image, per_class, matrix], api_visibility="private")
+            flag.change(_when_ready(app.confusion_outputs, 3), [flag], [cm_image, per_class, matrix],
+                        api_visibility="private")
 
         with gr.Tab("Likely mislabeled"):
+            flag = status("issues")
             gr.Markdown("Images whose given label cleanlab finds likely wrong, from out-of-sample probabilities "
                         "(the test set always; the training set after `cifarlab audit`).")
             with gr.Row():
@@ -512,10 +553,13 @@ def build_app(app: CifarApp) -> gr.Blocks:
             # Wide panels: "contain" shows all three (the default "cover" crops them to squares).
             li_gallery = gr.Gallery(label="image | CAM of the given label | CAM of the suggested label", columns=3,
                                     height="auto", format="png", object_fit="contain")
-            li_show.click(app.label_issue_gallery, [li_split, li_cls, li_count, opacity, layer, method],
-                          [li_gallery, li_summary], api_name="label_issues")
+            controls = [li_split, li_cls, li_count, *cam_inputs]
+            li_show.click(app.label_issue_gallery, controls, [li_gallery, li_summary], api_name="label_issues")
+            _refresh_on(flag, app.label_issue_gallery, controls, [li_gallery, li_summary],
+                        [li_split, li_cls, li_count])
 
         with gr.Tab("Near-duplicates"):
+            flag = status("duplicates")
             gr.Markdown("Test images with a near-copy in the training set: they inflate test accuracy.")
             with gr.Row():
                 dup_threshold = gr.Slider(0.0, 1.0, value=audit.DUPLICATE_SIMILARITY, step=0.01,
@@ -527,8 +571,11 @@ def build_app(app: CifarApp) -> gr.Blocks:
                                      object_fit="contain")
             dup_show.click(app.duplicate_gallery, [dup_threshold, dup_count], [dup_gallery, dup_summary],
                            api_name="near_duplicates")
+            _refresh_on(flag, app.duplicate_gallery, [dup_threshold, dup_count], [dup_gallery, dup_summary],
+                        [dup_threshold, dup_count])
 
         with gr.Tab("Embedding map"):
+            flag = status("map")
             gr.Markdown("The test set's penultimate features in 2-D; mistakes are ringed. Click the map to see the "
                         "images there with their prediction and CAM.")
             with gr.Row():
@@ -540,18 +587,18 @@ def build_app(app: CifarApp) -> gr.Blocks:
                 with gr.Column():
                     map_summary = gr.Markdown(elem_id="embedding-summary")
                     map_gallery = gr.Gallery(columns=4, height="auto", format="png")
-            map_image.select(app.map_click, [map_count, opacity, layer, method], [map_gallery, map_summary],
+            map_image.select(app.map_click, [map_count, *cam_inputs], [map_gallery, map_summary],
                              api_visibility="private")
             near_x = gr.Number(value=0.5, visible=False)
             near_y = gr.Number(value=0.5, visible=False)
-            gr.Button(visible=False).click(app.embedding_near, [near_x, near_y, map_count, opacity, layer, method],
+            gr.Button(visible=False).click(app.embedding_near, [near_x, near_y, map_count, *cam_inputs],
                                            [map_gallery, map_summary], api_name="embedding_near")
             color_by.change(app.embedding_map, [color_by], [map_image], api_visibility="private")
-            if app.audit is not None:
-                demo.load(app.embedding_map, [color_by], [map_image], api_visibility="private")
+            flag.change(_when_ready(app.embedding_map, 1), [flag, color_by], [map_image], api_visibility="private")
 
         if app.other is not None:
             with gr.Tab("Compare"):
+                flag = status("compare")
                 gr.Markdown(f"A = `{app.ckpt_path}`, B = `{app.other_path}`: per-class accuracy, and the test "
                             "images one gets right and the other wrong, with both CAMs.")
                 cmp_table = gr.Dataframe(headers=["class", "A", "B", "B - A (points)"], interactive=False,
@@ -563,9 +610,10 @@ def build_app(app: CifarApp) -> gr.Blocks:
                 cmp_summary = gr.Markdown(elem_id="compare-summary")
                 cmp_gallery = gr.Gallery(label="image | A's CAM | B's CAM", columns=3, height="auto", format="png",
                                          object_fit="contain")
-                cmp_show.click(app.compare_gallery, [cmp_which, cmp_count, opacity, layer, method],
-                               [cmp_gallery, cmp_summary], api_name="compare")
-                demo.load(app.compare_table, None, [cmp_table], api_visibility="private")
+                controls = [cmp_which, cmp_count, *cam_inputs]
+                cmp_show.click(app.compare_gallery, controls, [cmp_gallery, cmp_summary], api_name="compare")
+                flag.change(_when_ready(app.compare_table, 1), [flag], [cmp_table], api_visibility="private")
+                _refresh_on(flag, app.compare_gallery, controls, [cmp_gallery, cmp_summary], [cmp_which, cmp_count])
 
         with gr.Tab("Training"):
             files = app.training_files()
@@ -577,15 +625,53 @@ def build_app(app: CifarApp) -> gr.Blocks:
                 gr.Image(str(files["lr_find"]), label="LR range test", interactive=False)
             if files["config"]:
                 gr.Code(files["config"].read_text(), language="yaml", label="config.yaml", interactive=False)
+
+        # Progress: one timer per page polls the background work until it is done; a flag that turns True fills
+        # its tab. The poll is cheap, so it skips the queue that CAM requests wait in.
+        status_json = gr.JSON(visible=False)
+        gr.Button(visible=False).click(app.prep.status, None, [status_json], api_name="status")
+        timer = gr.Timer(POLL_S)
+        keys = list(waiting)
+        poll_outputs = [*(waiting[k] for k in keys), *(ready[k] for k in keys), timer]
+        timer.tick(app.poll, None, poll_outputs, api_visibility="private", queue=False, show_progress="hidden")
+        demo.load(app.poll, None, poll_outputs, api_visibility="private", queue=False, show_progress="hidden")
     return demo
 
 
+def _when_ready(fn, outputs: int):
+    """``fn``'s outputs once the tab's ready flag (the first argument) is True; unchanged before that."""
+    def handler(flag, *args):
+        if not flag:
+            return gr.skip() if outputs == 1 else tuple(gr.skip() for _ in range(outputs))
+        return fn(*args)
+    return handler
+
+
+def _refresh_on(flag: gr.Checkbox, fn, inputs: list, outputs: list, controls: list) -> None:
+    """Fill a gallery when its data gets ready, and again whenever one of its ``controls`` changes (a slider when it
+    is let go), so that no "Show" click is needed."""
+    handler = _when_ready(fn, len(outputs))
+    flag.change(handler, [flag, *inputs], outputs, api_visibility="private")
+    for control in controls:
+        event = control.release if isinstance(control, gr.Slider) else control.change
+        event(handler, [flag, *inputs], outputs, api_visibility="private")
+
+
+def _example_path(evt: gr.SelectData) -> str:
+    """The file of the clicked example, handed to the upload box."""
+    return evt.value["image"]["path"]
+
+
 def launch(app: CifarApp, host: str = "127.0.0.1", port: int | None = 7860, block: bool = True):
-    """Serve the page on ``host:port`` (loopback by default, never a public share link)."""
+    """Serve the page on ``host:port`` (loopback by default, never a public share link), then prepare the data tabs
+    in the background."""
     demo = build_app(app)
     demo.queue(default_concurrency_limit=1)  # one model, two cores: requests run one at a time, in order
     allowed = [str(p.parent) for p in app.training_files().values() if p]
     demo.launch(server_name=host, server_port=port, share=False, max_file_size=MAX_IMAGE_BYTES, show_error=True,
-                ssr_mode=False, theme=THEME, allowed_paths=allowed, prevent_thread_lock=not block,
+                ssr_mode=False, theme=THEME, allowed_paths=allowed, prevent_thread_lock=True,
                 footer_links=["api"], quiet=not block)
+    app.start()
+    if block:
+        demo.block_thread()
     return demo

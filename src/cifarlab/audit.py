@@ -3,20 +3,28 @@ training and test images, a 2-D map of the test set, and two checkpoints compare
 
 Everything here is arrays in, arrays out (no Gradio): the app and ``cifarlab report`` draw what it returns.
 Features are the network's penultimate activations (the input of its last linear layer), computed once per
-checkpoint and cached next to the data with the map (``embeddings-<checkpoint key>-....npz``).
+checkpoint and cached next to the data with the map and the duplicate search (``features-``, ``map-`` and
+``duplicates-<checkpoint key>-....npz``).
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from cifarlab.errors import CifarlabError
+from cifarlab.files import atomic_path, file_key, save_npz
+from cifarlab.metrics import class_accuracy, confusion_matrix
 from cifarlab.progress import progress
+from cifarlab.transforms import to_batch
+
+Report = Callable[[int, int], None]  # (done, total): progress of a long step, for a page or a terminal
 
 FEATURE_BATCH = 1000  # images per forward pass when computing features (no gradients: memory is not the limit)
 PCA_DIMS = 50  # t-SNE runs on the first 50 principal components: the usual denoising step, and 5x less work
@@ -28,19 +36,26 @@ DUPLICATE_SIMILARITY = 0.90
 
 
 # ---------------------------------------------------------------------------------------------- features
+def steps(total: int, desc: str | None, report: Report | None = None, batch: int = 1):
+    """``range(0, total, batch)`` with a terminal bar (``desc``) and ``report(done, total)`` after each step."""
+    starts = range(0, total, batch)
+    for start in progress(starts, desc, unit="batch") if desc else starts:
+        yield start
+        if report is not None:
+            report(min(start + batch, total), total)
+
+
 @torch.no_grad()
-def penultimate_features(model, images: np.ndarray, batch_size: int = FEATURE_BATCH,
-                         desc: str | None = None) -> np.ndarray:
+def penultimate_features(model, images: np.ndarray, batch_size: int = FEATURE_BATCH, desc: str | None = None,
+                         report: Report | None = None) -> np.ndarray:
     """Features ``(N, D)`` float32 of uint8 images ``(N, 32, 32, 3)``: the input of the network's final ``fc`` layer
     (after global pooling), captured by a forward pre-hook so no network needs a features method."""
     captured: list[torch.Tensor] = []
     handle = model.net.fc.register_forward_pre_hook(lambda _m, inputs: captured.append(inputs[0].float().cpu()))
     model.eval()
     try:
-        starts = range(0, len(images), batch_size)
-        for start in progress(starts, desc, unit="batch") if desc else starts:
-            x = torch.from_numpy(images[start:start + batch_size]).permute(0, 3, 1, 2).contiguous()
-            model(x.to(model.device))
+        for start in steps(len(images), desc, report, batch_size):
+            model(to_batch(images[start:start + batch_size]).to(model.device))
     finally:
         handle.remove()
     return torch.cat(captured).numpy() if captured else np.zeros((0, model.net.fc.in_features), np.float32)
@@ -49,14 +64,14 @@ def penultimate_features(model, images: np.ndarray, batch_size: int = FEATURE_BA
 def project_2d(features: np.ndarray, method: str = "tsne", seed: int = 0) -> np.ndarray:
     """A 2-D map ``(N, 2)`` float32 of ``features``: t-SNE (scikit-learn, on the first ``PCA_DIMS`` principal
     components) or PCA alone (instant, but classes overlap more)."""
-    from sklearn.decomposition import PCA
+    from sklearn.decomposition import PCA  # the app extra: imported when a map is drawn
 
     if method not in ("tsne", "pca"):
         raise CifarlabError(f"unknown projection {method!r}: choose tsne or pca")
     x = features.astype(np.float32)
     if method == "pca" or len(x) < 5:
         return PCA(2, random_state=seed).fit_transform(x).astype(np.float32)
-    from sklearn.manifold import TSNE
+    from sklearn.manifold import TSNE  # the app extra
 
     x = PCA(min(PCA_DIMS, *x.shape), random_state=seed).fit_transform(x)
     perplexity = min(30.0, (len(x) - 1) / 3)  # sklearn requires perplexity < N
@@ -111,45 +126,48 @@ def match_duplicates(test_images: np.ndarray, train_images: np.ndarray, test_fea
     return index[rows.numpy(), best.numpy()], scores[rows, best].numpy().astype(np.float32)
 
 
-@dataclass
-class Embeddings:
-    """A checkpoint's view of the data: test features ``(N, D)``, their 2-D map ``(N, 2)``, and for each test image
-    its likeliest duplicate in the training split (``nearest`` index, ``similarity`` from ``match_duplicates``)."""
+def _cached(path: Path, key: str, compute: Callable[[], np.ndarray]) -> np.ndarray:
+    """``compute()``, saved once at ``path`` (array ``key``) and read from there afterwards."""
+    if path.exists():
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                return z[key]
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+            pass  # damaged: computed again
+    value = compute()
+    save_npz(path, **{key: value})
+    return value
 
-    test: np.ndarray
-    map2d: np.ndarray
-    nearest: np.ndarray | None = None
-    similarity: np.ndarray | None = None
+
+def cached_features(model, ckpt_path: str | Path, images: np.ndarray, split: str, cache_dir: Path,
+                    report: Report | None = None) -> np.ndarray:
+    """``penultimate_features`` of a split, computed once per checkpoint file and cached in ``cache_dir``."""
+    path = Path(cache_dir) / f"features-{file_key(ckpt_path)}-{split}-{len(images)}.npz"
+    desc = f"features of {len(images)} {split} images (once per checkpoint)"
+    feats = _cached(path, "features", lambda: penultimate_features(model, images, desc=desc, report=report)
+                    .astype(np.float16))
+    return feats.astype(np.float32)
 
 
-def embeddings(model, ckpt_path: str | Path, test_images: np.ndarray, train_images: np.ndarray | None,
-               cache_dir: Path, projection: str = "tsne") -> Embeddings:
-    """Features, 2-D map and train->test nearest neighbours for a checkpoint, computed once and cached in
-    ``cache_dir`` (keyed by the checkpoint file, the projection and the image counts)."""
-    from cifarlab.inference import checkpoint_key
+def cached_map(features: np.ndarray, ckpt_path: str | Path, projection: str, cache_dir: Path) -> np.ndarray:
+    """``project_2d`` of a checkpoint's test features, computed once and cached in ``cache_dir``."""
+    path = Path(cache_dir) / f"map-{file_key(ckpt_path)}-{projection}-{len(features)}.npz"
 
-    n_train = 0 if train_images is None else len(train_images)
-    cache = Path(cache_dir) / (f"embeddings-{checkpoint_key(ckpt_path)}-{projection}-"
-                               f"{len(test_images)}-{n_train}.npz")
-    if cache.exists():
-        with np.load(cache, allow_pickle=False) as z:
-            if n_train:
-                return Embeddings(z["test"].astype(np.float32), z["map2d"], z["nearest"], z["similarity"])
-            return Embeddings(z["test"].astype(np.float32), z["map2d"])
-    test = penultimate_features(model, test_images, desc=f"features of {len(test_images)} test images")
-    print(f"projecting {len(test)} test images to 2-D ({projection}, once per checkpoint) ...", flush=True)
-    map2d = project_2d(test, projection)
-    out = Embeddings(test, map2d)
-    arrays = {"test": test.astype(np.float16), "map2d": map2d}
-    if n_train:
-        train = penultimate_features(model, train_images, desc=f"features of {n_train} training images")
-        out.nearest, out.similarity = match_duplicates(test_images, train_images, test, train)
-        arrays.update(nearest=out.nearest, similarity=out.similarity)
-    Path(cache_dir).mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_name(cache.name + ".tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, cache)  # a crash never leaves half a cache file
-    return out
+    def compute():
+        print(f"projecting {len(features)} test images to 2-D ({projection}, once per checkpoint) ...", flush=True)
+        return project_2d(features, projection)
+
+    return _cached(path, "map2d", compute)
+
+
+def cached_duplicates(test_images: np.ndarray, train_images: np.ndarray, test_features: np.ndarray,
+                      train_features: np.ndarray, ckpt_path: str | Path,
+                      cache_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """``match_duplicates``, computed once per checkpoint and cached in ``cache_dir``."""
+    path = Path(cache_dir) / f"duplicates-{file_key(ckpt_path)}-{len(test_images)}-{len(train_images)}.npz"
+    pairs = _cached(path, "pairs", lambda: np.stack(
+        [a.astype(np.float64) for a in match_duplicates(test_images, train_images, test_features, train_features)]))
+    return pairs[0].astype(np.int64), pairs[1].astype(np.float32)
 
 
 # ---------------------------------------------------------------------------------------------- label errors
@@ -167,8 +185,8 @@ def label_issues(labels: np.ndarray, probs: np.ndarray) -> LabelIssues:
     """Likely label errors from out-of-sample probabilities ``probs`` (N, K) and given ``labels`` (N,):
     ``cleanlab.filter.find_label_issues`` (confident learning, pruned by noise rate) ranked by
     ``cleanlab.rank.get_label_quality_scores`` (self-confidence: the probability of the given label)."""
-    from cleanlab.filter import find_label_issues
-    from cleanlab.rank import get_label_quality_scores
+    from cleanlab.filter import find_label_issues  # the app extra: imported when an audit runs
+    from cleanlab.rank import get_label_quality_scores  # the app extra
 
     labels = np.asarray(labels, dtype=np.int64)
     probs = np.asarray(probs, dtype=np.float32)
@@ -192,10 +210,7 @@ def accuracy(preds: np.ndarray, labels: np.ndarray, keep: np.ndarray | None = No
 
 def per_class_accuracy(preds: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
     """Accuracy ``(K,)`` of each true class (0 for a class with no images)."""
-    from cifarlab.report import class_accuracy
-
-    confusion = np.bincount(labels * num_classes + preds, minlength=num_classes ** 2)
-    return class_accuracy(confusion.reshape(num_classes, num_classes))
+    return class_accuracy(confusion_matrix(preds, labels, num_classes))
 
 
 # ---------------------------------------------------------------------------------------------- two runs
@@ -250,37 +265,102 @@ def side_by_side(panels: list[np.ndarray], gap: int = 4) -> np.ndarray:
     return np.concatenate(row, axis=1)
 
 
+# ---------------------------------------------------------------------------------------------- training-set OOF
+def find_train_oof(cache_dir: Path, labels: np.ndarray, classes: list[str]) -> tuple[Path, dict] | None:
+    """The newest ``train-oof-*.npz`` in ``cache_dir`` made for exactly these training ``labels`` and ``classes``, as
+    ``(path, arrays)`` (keys as ``write_train_oof`` writes them); ``None`` when there is none."""
+    files = sorted(Path(cache_dir).glob("train-oof-*.npz"), key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    for path in files:
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                data = {k: z[k] for k in z.files}
+            same = (list(data["classes"]) == list(classes) and np.array_equal(data["labels"], labels)
+                    and data["probs"].shape == (len(labels), len(classes)))
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+            continue  # damaged or foreign: the app must start anyway
+        if same:
+            return path, data
+    return None
+
+
+def write_train_oof(cache_dir: Path, recipe: str, probs: np.ndarray, labels: np.ndarray, fold: np.ndarray,
+                    classes: list[str], ckpt_paths: list[Path]) -> Path:
+    """Write ``<cache_dir>/train-oof-<recipe>-k<K>-<N>.npz``: ``probs`` (N, C) float16 out-of-sample probabilities,
+    ``labels`` (N,) int64, ``fold`` (N,) int64 (the fold each image was held out in), ``classes`` (C,) str, ``recipe``
+    str, ``folds`` int, ``ckpt_paths`` (K,) str (fold k's model). Rows are the training split in the order of
+    ``CIFARDataModule.load_splits()["train"]``."""
+    folds = len(ckpt_paths)
+    out = Path(cache_dir) / f"train-oof-{recipe}-k{folds}-{len(labels)}.npz"
+    with atomic_path(out, suffix=".tmp") as tmp, open(tmp, "wb") as file:  # not matched by find_train_oof meanwhile
+        np.savez(file, probs=probs.astype(np.float16), labels=labels.astype(np.int64), fold=fold.astype(np.int64),
+                 classes=np.array(classes, dtype=str), recipe=np.array(recipe), folds=np.array(folds),
+                 ckpt_paths=np.array([str(p) for p in ckpt_paths], dtype=str))
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- one bundle
 @dataclass
 class DataAudit:
-    """Everything the app's and the report's data tabs show for one checkpoint: the training split, the embeddings,
-    and cleanlab's label issues of the test split and, once ``cifarlab audit`` has run, of the training split."""
+    """Everything the data tabs of the app and the report show for one checkpoint, filled step by step (``steps``,
+    in the order the tabs need them; ``run`` does them all): cleanlab's label issues of the test split and, once
+    ``cifarlab audit`` has run, of the training split; the test features and their 2-D map; near-duplicates."""
 
-    train_images: np.ndarray  # (N_train, 32, 32, 3) uint8
-    train_labels: np.ndarray  # (N_train,) int64
-    emb: Embeddings
-    issues: dict[str, LabelIssues]
+    model: object
+    ckpt_path: Path
+    test: object  # inference.Predictions
+    datamodule: object
+    projection: str = "tsne"
+    train_images: np.ndarray | None = None  # (N_train, 32, 32, 3) uint8
+    train_labels: np.ndarray | None = None  # (N_train,) int64
     train_probs: np.ndarray | None = None  # (N_train, K) out-of-sample, from `cifarlab audit`
     train_source: str = ""  # the file they came from, and how
+    issues: dict[str, LabelIssues] = field(default_factory=dict)
+    test_features: np.ndarray | None = None  # (N, D)
+    map2d: np.ndarray | None = None  # (N, 2)
+    nearest: np.ndarray | None = None  # (N,) index of each test image's likeliest training duplicate
+    similarity: np.ndarray | None = None  # (N,) its score (``match_duplicates``)
 
-    @classmethod
-    def build(cls, model, ckpt_path: str | Path, test, datamodule, projection: str = "tsne") -> DataAudit:
-        """Compute (or read from the cache) what the data tabs need; ``test`` is ``inference.Predictions``."""
-        from cifarlab.crossval import find_train_oof
+    def steps(self) -> list[tuple[str, Callable[[Report | None], None]]]:
+        """``(what it computes, step(report))`` in order; each fills fields the next ones and the tabs read."""
+        return [("likely label errors", self.find_label_issues),
+                ("features of the test set", self.find_test_features),
+                (f"embedding map ({self.projection})", self.find_map),
+                ("features of the training set and the duplicate search", self.find_duplicates)]
 
-        train = datamodule.load_splits()["train"]
-        train_labels = np.asarray(train.labels, dtype=np.int64)
-        emb = embeddings(model, ckpt_path, test.images, train.images, datamodule.cache_dir, projection)
-        out = cls(train.images, train_labels, emb, {"test": label_issues(test.labels, test.probs)})
-        found = find_train_oof(datamodule.cache_dir, train_labels, list(model.class_names))
+    def run(self) -> DataAudit:
+        for _, step in self.steps():
+            step(None)
+        return self
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.datamodule.cache_dir
+
+    def find_label_issues(self, report: Report | None = None) -> None:
+        train = self.datamodule.load_splits()["train"]
+        self.train_images, self.train_labels = train.images, np.asarray(train.labels, dtype=np.int64)
+        issues = {"test": label_issues(self.test.labels, self.test.probs)}
+        found = find_train_oof(self.cache_dir, self.train_labels, list(self.model.class_names))
         if found is not None:
             path, data = found
-            out.train_probs = np.asarray(data["probs"], dtype=np.float32)
-            out.issues["train"] = label_issues(train_labels, out.train_probs)
-            out.train_source = f"{int(data['folds'])}-fold cross-validation of {str(data['recipe'])} ({path.name})"
-        return out
+            self.train_probs = np.asarray(data["probs"], dtype=np.float32)
+            issues["train"] = label_issues(self.train_labels, self.train_probs)
+            self.train_source = f"{int(data['folds'])}-fold cross-validation of {str(data['recipe'])} ({path.name})"
+        self.issues = issues
+
+    def find_test_features(self, report: Report | None = None) -> None:
+        self.test_features = cached_features(self.model, self.ckpt_path, self.test.images, "test", self.cache_dir,
+                                             report)
+
+    def find_map(self, report: Report | None = None) -> None:
+        self.map2d = cached_map(self.test_features, self.ckpt_path, self.projection, self.cache_dir)
+
+    def find_duplicates(self, report: Report | None = None) -> None:
+        train = cached_features(self.model, self.ckpt_path, self.train_images, "train", self.cache_dir, report)
+        self.nearest, self.similarity = cached_duplicates(self.test.images, self.train_images, self.test_features,
+                                                          train, self.ckpt_path, self.cache_dir)
 
     def duplicates(self, threshold: float = DUPLICATE_SIMILARITY) -> np.ndarray:
         """Test indices with a training near-duplicate at ``threshold`` or above, most similar first."""
-        found = np.flatnonzero(self.emb.similarity >= threshold)
-        return found[np.argsort(-self.emb.similarity[found], kind="stable")]
+        found = np.flatnonzero(self.similarity >= threshold)
+        return found[np.argsort(-self.similarity[found], kind="stable")]

@@ -1,18 +1,25 @@
-"""``cifarlab fit --budget 10m``: plan the whole schedule for the time there is.
+"""``cifarlab fit --budget 10m``: plan the whole schedule for the time there is, then build the run to that plan.
 
 Lightning's ``max_time`` stops a run wherever it is, in the middle of its LR schedule. A budget instead sizes
-the run before it starts: once the data is loaded, a short probe times this machine's training step (the
+the run before it is built: once the data is loaded, a short probe times this machine's training step (the
 recipe's own network, batch, precision, augmentation and optimizer, on random pixels) and its evaluation
 batch, and the plan is the largest number of optimizer steps whose training, per-epoch validation and
-checkpoints, and the final test with the recipe's test-time augmentation end by ``start + budget``. The LR
-schedule, Lookahead's ramp and progressive resizing (the recipe's share of cropped epochs) are all laid over
-those steps, so the run is complete, only shorter or longer. The plan is saved in checkpoints: a resumed run
-keeps it.
+checkpoints, and the final test with the recipe's test-time augmentation end by ``start + budget``. The plan goes
+into the run's configuration as plain numbers before the Trainer, model and data exist: the model's schedule length
+(``model.schedule.total_steps``, which also ends the run), the data's cropped epochs
+(``data.augment.early_crop_epochs``, the recipe's share of them) and the Trainer's limits, so the LR schedule,
+Lookahead's ramp and progressive resizing are all laid over those steps: the run is complete, only shorter or longer.
+Early in the run the plan is corrected once by the loop's own pace (``ImageClassifier.set_total_steps``). The
+checkpoints record the plan that ran (the model's and data's hyperparameters, and this callback's state): a resumed
+run keeps it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import json
+import logging
 import math
 import os
 import re
@@ -23,9 +30,12 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from jsonargparse import Namespace
 from lightning.pytorch.utilities import rank_zero_only
 
+from cifarlab.data import CIFARDataModule
 from cifarlab.errors import ConfigError
+from cifarlab.module import ImageClassifier
 
 SAFETY = 0.97  # plan to end at 97% of the budget: the probe's error is a few percent either way
 STEP_OVERHEAD = 1.05  # a step inside Lightning's loop (logging, metrics, Lookahead) / the probe's bare step
@@ -34,6 +44,8 @@ REPLAN_FROM = 3  # steps: the pace is measured from here (the first steps build 
 REPLAN_AT = 0.15  # ... to this share of the planned steps, then the plan is corrected once
 EPOCH_OVERHEAD_S = 0.3  # seconds per epoch: checkpoint writes, loggers, data loader start
 END_OVERHEAD_S = 4.0  # after the test: report plots, process exit
+GROWTH = 1.5  # the Trainer's step limit over the plan: room for the early re-plan to lengthen the run
+PLAN_ENV = "CIFARLAB_BUDGET_PLAN"  # rank 0's plan, inherited by the processes Lightning starts for the other ranks
 
 
 def parse_budget(text: str) -> float:
@@ -116,16 +128,17 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def probe_speed(trainer: L.Trainer, module, datamodule, steps: int = 2) -> Speed:
-    """Time the recipe's training step and evaluation batch here, on random pixels; the module's weights,
-    buffers and gradients are restored afterwards. A warm-up call per shape lets the kernels be picked first."""
+def probe_speed(module: ImageClassifier, datamodule: CIFARDataModule, device: torch.device,
+                autocast=contextlib.nullcontext, steps: int = 2) -> Speed:
+    """Time the recipe's training step and evaluation batch on ``device`` (under ``autocast()``, the precision's
+    context), on random pixels; the module's weights, buffers, modes and gradients are restored afterwards. A warm-up
+    call per shape lets the kernels be picked first. ``datamodule`` is set up."""
     start = time.perf_counter()
-    device = trainer.strategy.root_device
     module.to(device)
     saved = copy.deepcopy(module.state_dict())
     modes = {m: m.training for m in module.modules()}
     optimizer = module.make_optimizer()
-    augment = getattr(datamodule, "_batch_augment", None)
+    augment = datamodule.batch_augment
     if augment is not None:
         augment.to(device)
     gen = torch.Generator(device="cpu").manual_seed(0)
@@ -154,8 +167,8 @@ def probe_speed(trainer: L.Trainer, module, datamodule, steps: int = 2) -> Speed
             _sync(device)
             t0 = time.perf_counter()
             xa = augment(x, crop) if augment is not None else x
-            with trainer.precision_plugin.forward_context():
-                _, _, loss = module._step((xa, y))
+            with autocast():
+                _, _, loss = module.logits_and_loss((xa, y))
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -168,7 +181,7 @@ def probe_speed(trainer: L.Trainer, module, datamodule, steps: int = 2) -> Speed
         x, _ = batch(datamodule.eval_batch_size)
         module.eval()
         times = []
-        with torch.no_grad(), trainer.precision_plugin.forward_context():
+        with torch.no_grad(), autocast():
             for _ in range(2):
                 _sync(device)
                 t0 = time.perf_counter()
@@ -192,18 +205,6 @@ def probe_speed(trainer: L.Trainer, module, datamodule, steps: int = 2) -> Speed
             for p in module.parameters():
                 p.grad = None
     return Speed(step_s, crop_s, eval_s, time.perf_counter() - start)
-
-
-def resize_schedule(scheduler, old_total: int, new_total: int) -> None:
-    """Give a OneCycleLR schedule ``new_total`` steps instead of ``old_total``, each phase keeping its share, from
-    where it is now (the LR moves by the change in phase position only)."""
-    if not isinstance(scheduler, torch.optim.lr_scheduler.OneCycleLR):
-        return
-    scale = new_total / old_total
-    for phase in scheduler._schedule_phases:  # end steps are pct * total - 1, as OneCycleLR builds them
-        phase["end_step"] = (phase["end_step"] + 1) * scale - 1
-    scheduler._schedule_phases[-1]["end_step"] = new_total - 1
-    scheduler.total_steps = new_total
 
 
 # With selective TTA (``tta.confident_at`` < 1), the share of test images planned as getting the extra views: at 0.8
@@ -265,6 +266,36 @@ def make_plan(budget_s: float, deadline: float, now: float, speed: Speed, *, ste
     return Plan(budget_s, steps, epochs, steps_per_epoch, crop_epochs, end, batch_size / speed.step_s, test_s, val_s)
 
 
+def replan_steps(plan: Plan, speed: Speed, measured_s: float, done: int, epoch: int, seconds_left: float,
+                 whole_epochs: bool) -> int:
+    """Total steps that fit ``seconds_left`` (until the deadline) at the pace measured in the loop (``measured_s``
+    per step, since step ``REPLAN_FROM``), ``done`` steps and ``epoch`` epochs in: at least one more step."""
+    cropping = epoch < plan.crop_epochs
+    planned_s = (speed.crop_step_s if cropping and speed.crop_step_s else speed.step_s) * STEP_OVERHEAD
+    pace = measured_s / planned_s  # > 1: slower than planned
+    full_s = speed.step_s * STEP_OVERHEAD * pace
+    crop_s = (speed.crop_step_s or speed.step_s) * STEP_OVERHEAD * pace
+    spe, crop_total = plan.steps_per_epoch, plan.crop_epochs * plan.steps_per_epoch
+    available = seconds_left * SAFETY - plan.test_s
+
+    def cost(total: int) -> float:
+        crop_left = max(min(crop_total, total) - done, 0)
+        epochs_left = math.ceil(total / spe) - epoch
+        return crop_left * crop_s + (total - done - crop_left) * full_s + epochs_left * (plan.val_s + EPOCH_OVERHEAD_S)
+
+    total = max(most_steps(cost, available, start=done), done + 1)  # at least the step being taken
+    if whole_epochs and total >= spe:
+        total = max(total - total % spe, math.ceil((done + 1) / spe) * spe)
+    return total
+
+
+def step_limit(plan: Plan, whole_epochs: bool) -> int:
+    """The Trainer's ``max_steps`` for a plan: ``GROWTH`` times its steps (whole epochs where it plans them), the
+    most the early re-plan may give it; the run itself ends at the plan's steps (the model's schedule length)."""
+    limit = math.ceil(plan.steps * GROWTH)
+    return math.ceil(limit / plan.steps_per_epoch) * plan.steps_per_epoch if whole_epochs else limit
+
+
 def saved_plan(ckpt_path: str | None) -> dict | None:
     """The budget plan a checkpoint carries, if any (``None`` also for files that do not load: the CLI's
     checkpoint check reports those in one line)."""
@@ -279,163 +310,150 @@ def saved_plan(ckpt_path: str | None) -> dict | None:
 
 
 def budget_callback(config, subcommand: str | None, start: float) -> TimeBudget | None:
-    """The ``TimeBudget`` a command's resolved config asks for, checked, or ``None``.
+    """Plan a command's resolved ``config`` for its ``--budget`` and write the plan into it (before the Trainer,
+    model and data are built from it); the ``TimeBudget`` callback that corrects it once and records it, or ``None``.
 
     A run resumed (``--ckpt_path``) from a budgeted checkpoint keeps that checkpoint's plan, with or without
     ``--budget``; ``--budget`` on a checkpoint trained without one is refused (its LR schedule has its own length).
     """
     text, ckpt = config.get("budget"), config.get("ckpt_path")
-    plan = saved_plan(ckpt) if subcommand == "fit" else None
-    if text is None:
-        return TimeBudget(plan["budget_s"], start, resume=True) if plan else None
-    if subcommand != "fit":
+    saved = saved_plan(ckpt) if subcommand == "fit" else None
+    if text is None and saved is None:
+        return None
+    if text is not None and subcommand != "fit":
         raise ConfigError(f"--budget plans training: it is for `cifarlab fit`, not `{subcommand}`")
-    seconds = parse_budget(text)
-    if time.time() - start >= seconds:
+    seconds = parse_budget(text) if text is not None else saved["budget_s"]
+    if text is not None and time.time() - start >= seconds:
         raise ConfigError(f"--budget {text} is already spent by start-up ({time.time() - start:.0f} s): "
                           "give a longer budget")
     trainer = config["trainer"]
     if (trainer.get("accumulate_grad_batches") or 1) != 1 or trainer.get("limit_train_batches") not in (None, 1.0):
         raise ConfigError("--budget plans whole batches and optimizer steps: leave --trainer.accumulate_grad_batches "
                           "and --trainer.limit_train_batches at their defaults")
-    if ckpt and plan is None:
+    if ckpt and saved is None:
         raise ConfigError(f"--ckpt_path {ckpt} was trained without --budget (its schedule has its own length): "
                           "resume it without --budget")
-    augment = config["data"].get("augment") or {}
-    augment = augment if isinstance(augment, dict) else vars(augment)
+    whole_epochs = bool(config["checkpoint"].get("monitor"))
+    if saved is not None:  # resumed: the loop continues to exactly the saved plan's end
+        plan = Plan(**saved)
+        write_plan(config, plan, plan.steps)
+        return TimeBudget(plan, start, whole_epochs=whole_epochs)
+    inherited = os.environ.get(PLAN_ENV) if _launched_rank() else None
+    if inherited:  # a rank that rank 0's process started: its plan, not a probe of its own
+        planned = json.loads(inherited)
+        plan, speed = Plan(**planned["plan"]), Speed(**planned["speed"])
+    else:
+        plan, speed = plan_run(config, seconds, start, whole_epochs)
+        os.environ[PLAN_ENV] = json.dumps({"plan": asdict(plan), "speed": asdict(speed)})
+    write_plan(config, plan, step_limit(plan, whole_epochs))
+    return TimeBudget(plan, start, speed, whole_epochs)
+
+
+def _launched_rank() -> bool:
+    """Whether this process is a rank other than the first (Lightning's launcher and torchrun set these)."""
+    return any(int(os.environ.get(name, "0") or 0) > 0 for name in ("LOCAL_RANK", "NODE_RANK", "RANK"))
+
+
+def _section(config, name: str) -> dict:
+    """A config section (a jsonargparse ``Namespace``, a dict or ``None``) as a plain dict."""
+    value = config.get(name) if hasattr(config, "get") else None
+    if value is None:
+        return {}
+    return value.as_dict() if hasattr(value, "as_dict") else dict(value if isinstance(value, dict) else vars(value))
+
+
+def plan_run(config, budget_s: float, start: float, whole_epochs: bool) -> tuple[Plan, Speed]:
+    """Build the recipe's model and data from ``config``, time them here (``probe_speed``) and plan the budget."""
+    trainer = config["trainer"]
+    device, autocast, world_size = _probe_device(trainer)
+    dm = CIFARDataModule(**_section(config, "data"))
+    dm.prepare_data()
+    dm.setup("fit")
+    model = ImageClassifier(**{**_section(config, "model"), "class_names": dm.classes})
+    speed = probe_speed(model, dm, device, autocast)
+    steps_per_epoch = len(dm.train_set) // (dm.batch_size * world_size)  # drop_last batches per rank
+    if steps_per_epoch < 1:
+        raise ConfigError(f"--data.batch_size {dm.batch_size} is larger than the {len(dm.train_set)} training "
+                          "images: a budget needs at least one batch per epoch")
     epochs = trainer.get("max_epochs") or 0
-    crop = augment.get("early_crop") and augment.get("early_crop_epochs") and epochs
-    fraction = augment["early_crop_epochs"] / epochs if crop else 0.0  # the recipe's share of cropped epochs
-    return TimeBudget(seconds, start, crop_fraction=fraction, whole_epochs=bool(config["checkpoint"].get("monitor")),
-                      resume=bool(ckpt))
+    augment = dm.augment
+    crop = augment.early_crop and augment.early_crop_epochs and epochs
+    fraction = augment.early_crop_epochs / epochs if crop else 0.0  # the recipe's share of cropped epochs
+    plan = make_plan(budget_s, start + budget_s, time.time(), speed, steps_per_epoch=steps_per_epoch,
+                     val_images=len(dm.val_set or []) // world_size, test_images=len(dm.test_set) // world_size,
+                     eval_batch_size=dm.eval_batch_size, tta_level=model.tta.level,
+                     tta_confident_at=model.tta.confident_at, crop_fraction=fraction, whole_epochs=whole_epochs,
+                     batch_size=dm.batch_size * world_size)
+    return plan, speed
+
+
+def _probe_device(trainer: dict) -> tuple[torch.device, object, int]:
+    """The device, precision context and world size the configured Trainer will have (Lightning's own choice,
+    through Fabric, which takes the same accelerator, devices and precision arguments)."""
+    from lightning.fabric import Fabric
+
+    devices = trainer.get("devices") or "auto"
+    strategy = trainer.get("strategy")
+    previous = logging.root.manager.disable
+    logging.disable(logging.INFO)  # the Trainer prints its own precision line; Fabric's would be a second one
+    try:
+        fabric = Fabric(accelerator=trainer.get("accelerator") or "auto", devices=devices,
+                        num_nodes=trainer.get("num_nodes") or 1, precision=trainer.get("precision"),
+                        strategy=strategy if isinstance(strategy, str) else "auto")
+    finally:
+        logging.disable(previous)
+    return fabric.device, fabric.autocast, fabric.world_size
+
+
+def write_plan(config, plan: Plan, max_steps: int) -> None:
+    """The plan as plain numbers in the run's configuration: the model's schedule length (where the run ends), the
+    data's cropped epochs and the Trainer's limits (``max_steps``: at least the plan, room for the re-plan)."""
+    config["trainer"]["max_steps"] = max_steps
+    config["trainer"]["max_epochs"] = math.ceil(max_steps / plan.steps_per_epoch)
+    model = config["model"]
+    if model.get("schedule") is None:
+        model["schedule"] = Namespace()
+    model["schedule"]["total_steps"] = plan.steps
+    augment = config["data"].get("augment")
+    if augment is not None and augment.get("early_crop"):
+        augment["early_crop_epochs"] = plan.crop_epochs
 
 
 class TimeBudget(L.Callback):
-    """Sizes ``fit`` to a time budget (see the module docstring). Added by ``cifarlab fit --budget``.
+    """Keeps a ``fit`` on its time budget's plan (see the module docstring); made by ``budget_callback``.
 
     Args:
-        budget_s: seconds for the whole command, fit and test, counted from ``start``.
-        start: ``time.time()`` when the command started (default: this process's start).
-        crop_fraction: share of the epochs trained on early crops (the recipe's ``early_crop_epochs /
-            max_epochs``).
+        plan: the plan, already written into the run's configuration.
+        start: ``time.time()`` when the command started.
+        speed: the probe's timings (``None`` for a resumed run: its saved plan is not corrected again).
         whole_epochs: plan whole epochs only (recipes that choose a checkpoint on validation).
-        resume: the run resumes from a checkpoint: keep the plan saved in it instead of probing.
     """
 
-    def __init__(self, budget_s: float, start: float | None = None, crop_fraction: float = 0.0,
-                 whole_epochs: bool = False, resume: bool = False):
-        self.budget_s = budget_s
-        self.start = process_start_time() if start is None else start
-        self.crop_fraction = crop_fraction
+    def __init__(self, plan: Plan, start: float, speed: Speed | None = None, whole_epochs: bool = False):
+        self.plan = plan
+        self.start = start
+        self.speed = speed
         self.whole_epochs = whole_epochs
-        self.resume = resume
-        self.plan: Plan | None = None
-        self.speed: Speed | None = None
-        self._trainer: L.Trainer | None = None
+        self.pace_start: float | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage != "fit":
+        # Every rank must run the same plan (ranks started together, e.g. by torchrun, plan on their own).
+        if stage != "fit" or trainer.world_size == 1:
             return
-        self._trainer = trainer
-        if self.resume:
-            return  # load_state_dict brings the plan
-        dm = trainer.datamodule
-        # Every rank probes (they share the machine as they will in training); rank 0's plan is everyone's.
-        speed = probe_speed(trainer, pl_module, dm)
-        steps_per_epoch = len(dm.train_set) // (dm.batch_size * trainer.world_size)  # drop_last batches per rank
-        if steps_per_epoch < 1:
-            raise ConfigError(f"--data.batch_size {dm.batch_size} is larger than the {len(dm.train_set)} training "
-                              "images: a budget needs at least one batch per epoch")
-        plan = None
-        if trainer.is_global_zero:  # one rank decides, so every rank gets the same plan or the same error
-            try:
-                plan = make_plan(self.budget_s, self.start + self.budget_s, time.time(), speed,
-                                 steps_per_epoch=steps_per_epoch,
-                                 val_images=len(dm.val_set or []) // trainer.world_size,
-                                 test_images=len(dm.test_set) // trainer.world_size,
-                                 eval_batch_size=dm.eval_batch_size, tta_level=pl_module.tta.level,
-                                 tta_confident_at=pl_module.tta.confident_at,
-                                 crop_fraction=self.crop_fraction, whole_epochs=self.whole_epochs,
-                                 batch_size=dm.batch_size * trainer.world_size)
-            except ConfigError as err:
-                plan = str(err)
-        plan = trainer.strategy.broadcast(plan, src=0)
-        if isinstance(plan, str):
-            raise ConfigError(plan)
-        self.speed = speed
-        self._apply(plan)
-
-    def _apply(self, plan: Plan) -> None:
-        trainer = self._trainer
-        self.plan = plan
-        trainer.fit_loop.max_epochs = plan.epochs
-        trainer.fit_loop.epoch_loop.max_steps = plan.steps
-        dm = trainer.datamodule
-        if dm.augment.early_crop:
-            dm.augment.early_crop_epochs = plan.crop_epochs
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        # Once, early, correct the plan with the loop's own pace (the probe times a bare step; the loop adds
-        # logging, metrics and Lookahead, and a shared machine's speed drifts by a few percent either way).
-        plan, step = self.plan, trainer.global_step
-        if plan is None or plan.replanned or self.speed is None:
-            return
-        if step == REPLAN_FROM:
-            self._pace_start = time.perf_counter()
-        elif step == max(REPLAN_FROM + 5, round(REPLAN_AT * plan.steps)) and step < plan.steps:
-            measured = (time.perf_counter() - self._pace_start) / (step - REPLAN_FROM)
-            total = None
-            if trainer.is_global_zero:
-                total = self._replanned_steps(trainer, measured)
-            self._resize(trainer, trainer.strategy.broadcast(total, src=0))
-
-    def _replanned_steps(self, trainer: L.Trainer, measured_s: float) -> int:
-        """Total steps that fit the time left, at the pace measured since step ``REPLAN_FROM``."""
-        plan, speed, done = self.plan, self.speed, trainer.global_step
-        cropping = trainer.current_epoch < plan.crop_epochs
-        planned_s = (speed.crop_step_s if cropping and speed.crop_step_s else speed.step_s) * STEP_OVERHEAD
-        pace = measured_s / planned_s  # > 1: slower than planned
-        full_s = speed.step_s * STEP_OVERHEAD * pace
-        crop_s = (speed.crop_step_s or speed.step_s) * STEP_OVERHEAD * pace
-        spe, crop_total = plan.steps_per_epoch, plan.crop_epochs * plan.steps_per_epoch
-        available = (self.start + plan.budget_s - time.time()) * SAFETY - plan.test_s
-
-        def cost(total: int) -> float:
-            crop_left = max(min(crop_total, total) - done, 0)
-            epochs_left = math.ceil(total / spe) - trainer.current_epoch
-            return crop_left * crop_s + (total - done - crop_left) * full_s + epochs_left * (plan.val_s +
-                                                                                           EPOCH_OVERHEAD_S)
-
-        lo = max(most_steps(cost, available, start=done), done + 1)  # at least the step being taken
-        if self.whole_epochs and lo >= spe:
-            lo = max(lo - lo % spe, math.ceil((done + 1) / spe) * spe)
-        return lo
-
-    def _resize(self, trainer: L.Trainer, total: int) -> None:
-        """Stretch or shrink the rest of the run to ``total`` steps: loop limits and the LR schedule."""
-        old = self.plan.steps
-        self.plan.replanned = True
-        if total == old:
-            return
-        for config in trainer.lr_scheduler_configs:
-            resize_schedule(config.scheduler, old, total)
-        self.plan.steps = total
-        self.plan.epochs = math.ceil(total / self.plan.steps_per_epoch)
-        trainer.fit_loop.max_epochs = self.plan.epochs
-        trainer.fit_loop.epoch_loop.max_steps = total
-        say(f"cifarlab: budget: the loop's pace re-planned the run to {total} steps "
-            f"({total / self.plan.steps_per_epoch:.2f} epochs; {total - old:+d})")
+        ours = (self.plan.steps, self.plan.crop_epochs)
+        same = tuple(trainer.strategy.broadcast(ours, src=0)) == ours
+        if not trainer.strategy.reduce_boolean_decision(same, all=True):
+            raise ConfigError("--budget: the ranks planned different runs (each probed on its own): start them "
+                              "with Lightning's launcher (one command, --trainer.devices N)")
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         plan, speed = self.plan, self.speed
-        if plan is None:
-            return
         end = datetime.fromtimestamp(plan.expected_end).strftime("%H:%M:%S")
         crops = f", the first {plan.crop_epochs} on {trainer.datamodule.augment.early_crop}-px crops" \
             if plan.crop_epochs else ""
         if speed is None:  # resumed: the plan came from the checkpoint
             say(f"cifarlab: budget {format_seconds(plan.budget_s)}: resuming the saved plan, "
-                           f"{plan.steps} steps in {plan.epochs} epochs{crops}")
+                f"{plan.steps} steps in {plan.epochs} epochs{crops}")
             return
         say(
             f"cifarlab: budget {format_seconds(plan.budget_s)}: this machine trains {plan.train_img_per_s:,.0f} "
@@ -443,11 +461,38 @@ class TimeBudget(L.Callback):
             f"{plan.steps / plan.steps_per_epoch:.2f} epochs in {plan.epochs}{crops}, then the test; "
             f"expected end {end} ({format_seconds(plan.expected_end - self.start)} after start)")
 
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        # Once, early, correct the plan with the loop's own pace (the probe times a bare step; the loop adds
+        # logging, metrics and Lookahead, and a shared machine's speed drifts by a few percent either way).
+        plan, step = self.plan, trainer.global_step
+        if plan.replanned or self.speed is None:
+            return
+        if step == REPLAN_FROM:
+            self.pace_start = time.perf_counter()
+        elif step == max(REPLAN_FROM + 5, round(REPLAN_AT * plan.steps)) and step < plan.steps:
+            measured = (time.perf_counter() - self.pace_start) / (step - REPLAN_FROM)
+            total = None
+            if trainer.is_global_zero:
+                total = replan_steps(plan, self.speed, measured, step, trainer.current_epoch,
+                                     self.start + plan.budget_s - time.time(), self.whole_epochs)
+            total = min(trainer.strategy.broadcast(total, src=0), trainer.max_steps)
+            self._resize(pl_module, total)
+
+    def _resize(self, pl_module: ImageClassifier, total: int) -> None:
+        """Stretch or shrink the rest of the run to ``total`` steps: the model's schedule, which ends the run."""
+        old = self.plan.steps
+        self.plan.replanned = True
+        if total == old:
+            return
+        pl_module.set_total_steps(total)
+        self.plan.steps = total
+        self.plan.epochs = math.ceil(total / self.plan.steps_per_epoch)
+        say(f"cifarlab: budget: the loop's pace re-planned the run to {total} steps "
+            f"({total / self.plan.steps_per_epoch:.2f} epochs; {total - old:+d})")
+
     def state_dict(self) -> dict:
-        return {"plan": asdict(self.plan)} if self.plan else {}
+        return {"plan": asdict(self.plan)}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        # A resumed run keeps the schedule it was planned with (called after setup, before the optimizers exist).
-        if state_dict.get("plan") and self._trainer is not None:
-            self.speed = None
-            self._apply(Plan(**state_dict["plan"]))
+        if state_dict.get("plan"):
+            self.plan = Plan(**state_dict["plan"])

@@ -1,9 +1,8 @@
-"""Callbacks: the end-of-test report, per-epoch throughput, checkpoints on interruption, RNG state in checkpoints,
-and the fast recipe's Lookahead."""
+"""Callbacks: per-epoch throughput, checkpoints on interruption, RNG state in checkpoints, and the fast recipe's
+Lookahead. (The end-of-test report, which draws, is ``cifarlab.fit_report.TestReport``.)"""
 
 from __future__ import annotations
 
-import os
 import random
 import time
 from pathlib import Path
@@ -13,91 +12,11 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from cifarlab import report
+from cifarlab.files import atomic_path
 from cifarlab.runs import LAST
-
-
-class TestReport(L.Callback):
-    """After ``test``: ``test_metrics.json``, ``test_predictions.npz``, ``confusion_matrix.png`` and ``curves.png``
-    in the run directory; with a TensorBoard logger, the confusion matrix (``test/confusion_matrix``) and the most
-    confidently wrong test images (``test/mistakes``) in TensorBoard's Images tab too."""
-
-    mistakes_shown = 32  # images in the TensorBoard mistakes grid
-
-    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # Both are collective under DDP (a metric sync, a broadcast of the folder): every rank takes part.
-        confmat = pl_module.test_confmat.compute().cpu().numpy()
-        out = Path(trainer.log_dir or trainer.default_root_dir)
-        if not trainer.is_global_zero:
-            return
-        out.mkdir(parents=True, exist_ok=True)
-        dm = trainer.datamodule
-        classes = getattr(dm, "classes", None) or [str(i) for i in range(len(confmat))]
-        test_loss = float(trainer.callback_metrics.get("test_loss", float("nan")))
-        metrics = report.metrics_from_confusion(confmat, classes, test_loss)
-        metrics["ckpt_path"] = trainer.ckpt_path
-        report.write_json(metrics, out / "test_metrics.json")
-        probs = getattr(pl_module, "test_probs", None)
-        # (N, K) for the test set in order (its first N images under limit_test_batches); under DDP each rank
-        # holds only its share
-        probs = torch.cat(probs).numpy() if probs and trainer.world_size == 1 and getattr(dm, "test_set", None) \
-            is not None else None
-        if probs is not None and len(probs) == len(dm.test_set):
-            # The app and `cifarlab report` reuse these instead of running the test set again (only a whole test
-            # set: --trainer.limit_test_batches tests part of it).
-            report.save_predictions(out / "test_predictions.npz", probs, dm.test_set.labels.numpy(), classes,
-                                    trainer.ckpt_path or "")
-        report.plot_confusion(confmat, classes, out / "confusion_matrix.png")
-        self._to_tensorboard(trainer, out, classes, probs)
-        csv_file = out / "metrics.csv"
-        if csv_file.exists():
-            report.plot_curves(csv_file, out / "curves.png")
-        rank_zero_info(f"test accuracy: {metrics['test_acc']:.4f} on {metrics['num_images']} images "
-                       f"-> {out / 'test_metrics.json'}")
-
-    def _to_tensorboard(self, trainer: L.Trainer, out: Path, classes: list[str], probs) -> None:
-        """The confusion matrix and a captioned grid of the most confidently wrong test images, as images of the
-        TensorBoard logger (if there is one) at the run's last step. A failure here is a warning: the files above
-        are the report, TensorBoard a copy."""
-        from lightning.pytorch.loggers import TensorBoardLogger
-
-        board = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
-        if board is None:
-            return
-        try:
-            self._add_images(board.experiment, trainer, out, classes, probs)
-        except Exception as err:  # e.g. a TensorBoard writer without add_image, a full disk
-            rank_zero_warn(f"the test confusion matrix and mistakes were not logged to TensorBoard: {err!r}")
-
-    def _add_images(self, writer, trainer: L.Trainer, out: Path, classes: list[str], probs) -> None:
-        import tempfile
-
-        from PIL import Image
-
-        def add_png(tag: str, path: Path) -> None:
-            pixels = np.asarray(Image.open(path).convert("RGB"))  # (H, W, 3) uint8
-            writer.add_image(tag, pixels, trainer.global_step, dataformats="HWC")
-
-        add_png("test/confusion_matrix", out / "confusion_matrix.png")
-        if probs is not None:
-            test = trainer.datamodule.test_set
-            # The test loader is in order; --trainer.limit_test_batches tests only the first len(probs) images.
-            labels, preds, confidence = test.labels.numpy()[: len(probs)], probs.argmax(1), probs.max(1)
-            wrong = np.flatnonzero(preds != labels)
-            wrong = wrong[np.argsort(-confidence[wrong], kind="stable")][: self.mistakes_shown]
-            if len(wrong):
-                captions = [f"{classes[labels[i]]} -> {classes[preds[i]]} {confidence[i]:.0%}" for i in wrong]
-                with tempfile.TemporaryDirectory() as tmp:
-                    grid = Path(tmp) / "mistakes.png"
-                    report.save_image_grid(test.images[wrong], captions, grid,
-                                           title="Most confidently wrong test images (true -> predicted, confidence)")
-                    add_png("test/mistakes", grid)
-                writer.add_text("test/mistakes", "\n".join(f"- image {i}: {c}" for i, c in zip(wrong, captions)),
-                                trainer.global_step)
-        writer.flush()
 
 
 class EpochSpeed(L.Callback):
@@ -145,12 +64,14 @@ class InterruptCheckpoint(L.Callback):
         if folder is None:
             return
         final = Path(folder) / f"{self.filename}.ckpt"
-        tmp = final.with_name(final.name + ".tmp")
-        trainer.save_checkpoint(tmp, weights_only=False)  # the full state; every rank takes part, rank 0 writes
-        if trainer.is_global_zero:
-            os.replace(tmp, final)
-            rank_zero_info(f"interrupted at epoch {trainer.current_epoch}, step {trainer.global_step}: saved {final}; "
-                           "resume with the same command and --ckpt_path last")
+        # The full state; every rank takes part in the save, rank 0 writes it.
+        if not trainer.is_global_zero:
+            trainer.save_checkpoint(final, weights_only=False)
+            return
+        with atomic_path(final, suffix=".tmp") as tmp:  # (not *.ckpt: a stray one is never taken for a checkpoint)
+            trainer.save_checkpoint(tmp, weights_only=False)
+        rank_zero_info(f"interrupted at epoch {trainer.current_epoch}, step {trainer.global_step}: saved {final}; "
+                       "resume with the same command and --ckpt_path last")
 
 
 class RNGState(L.Callback):

@@ -116,3 +116,13 @@ def faithfulness(model, x: torch.Tensor, cams: np.ndarray, classes: list[int], p
     finally:
         net.train(was_training)
     return np.asarray(cam_drop, dtype=np.float32).ravel(), np.asarray(random_drop, dtype=np.float32).ravel()
+
+
+def resolve_layer(layers: dict[str, nn.Module], name: str | None) -> tuple[str, nn.Module]:
+    """``(label, layer)`` of the candidate called ``name`` (a ``target_layers`` label such as ``block3 (4x4)``, or the
+    bare block name ``block3``), else the deepest one: two networks compared need not share layer names."""
+    if name in layers:
+        return name, layers[name]
+    bare = {label.split(" (")[0]: label for label in layers}
+    label = bare.get(str(name), next(iter(layers)))
+    return label, layers[label]

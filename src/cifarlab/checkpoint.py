@@ -1,17 +1,19 @@
 """One checkpoint: read safely, checked against the model a command builds, rebuilt into a model, and the data
 settings it was trained with. Used by ``fit``/``validate``/``test --ckpt_path``, the app, report, predict, export
-and audit alike."""
+and audit alike. It builds on ``cifarlab.module``, which owns the file read, older settings and the rebuild.
+"""
 
 from __future__ import annotations
 
-import pickle
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from cifarlab.errors import CifarlabError, ConfigError
+from cifarlab.errors import CifarlabError
+from cifarlab.module import ImageClassifier, read_checkpoint_file, saved_settings
 
 
 @dataclass(frozen=True)
@@ -33,35 +35,11 @@ class Checkpoint:
 
     @classmethod
     def read(cls, path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
-        """Load a checkpoint without unpickling arbitrary objects.
-
-        ``torch.load(weights_only=True)`` only accepts tensors and plain containers, so a crafted checkpoint
-        carrying a pickle payload is refused (a ``CifarlabError``) before any of its code can run.
-        """
-        from cifarlab.module import migrate_hparams
-
+        """Load a checkpoint without unpickling arbitrary objects (``module.read_checkpoint_file``: a pickle
+        payload or a file that is not a cifarlab checkpoint is a one-line ``CifarlabError``)."""
         path = Path(path).expanduser()
-        if not path.is_file():
-            raise CifarlabError(f"checkpoint {path} not found: pass the .ckpt of a run, e.g. "
-                                "--ckpt runs/seed/version_0/checkpoints/last.ckpt")
-        try:
-            raw = torch.load(path, map_location=map_location, weights_only=True)
-        except pickle.UnpicklingError as err:
-            if "Unsupported global" not in str(err):  # no code reference refused: bytes of something else
-                raise CifarlabError(f"{path} is not a readable PyTorch checkpoint (UnpicklingError): "
-                                    "pass a .ckpt file written by `cifarlab fit`") from None
-            # torch names the refused global in its message ("Unsupported global: GLOBAL exec ..."): show that line.
-            first = next(ln.strip() for ln in str(err).splitlines() if "Unsupported global" in ln)
-            raise CifarlabError(f"refusing to load {path}: it holds pickled objects, not only weights and plain "
-                                f"data ({first[:160]}); load checkpoints written by cifarlab only") from None
-        except Exception as err:  # torch.load raises anything from KeyError to RuntimeError on a non-checkpoint
-            raise CifarlabError(f"{path} is not a readable PyTorch checkpoint ({type(err).__name__}): "
-                                "pass a .ckpt file written by `cifarlab fit`") from None
-        if not isinstance(raw, dict) or "state_dict" not in raw or "hyper_parameters" not in raw:
-            raise CifarlabError(f"{path} is not a cifarlab checkpoint (no state_dict/hyper_parameters): "
-                                "pass a .ckpt file written by `cifarlab fit`")
-        hparams = migrate_hparams({k: v for k, v in raw["hyper_parameters"].items() if not k.startswith("_")})
-        data = {k: v for k, v in raw.get("datamodule_hyper_parameters", {}).items() if not k.startswith("_")}
+        raw = read_checkpoint_file(path, map_location)
+        hparams, data = saved_settings(raw)
         return cls(path, hparams, raw["state_dict"], data)
 
     def describe(self) -> str:
@@ -84,26 +62,12 @@ class Checkpoint:
                                 f"{built}; first mismatch: {bad[0]}): pass the recipe it was trained with, or train "
                                 "anew without --ckpt_path")
 
-    def build(self, strict: bool = True, **overrides: Any):
+    def build(self, strict: bool = True, **overrides: Any) -> ImageClassifier:
         """The ``ImageClassifier`` it holds, weights loaded (``strict`` as for ``load_state_dict``), in training mode
         (as Lightning's ``load_from_checkpoint``); ``overrides`` replace saved arguments (e.g. ``tta={"level": 0}``).
         ``model.datamodule_hparams`` is ``data``."""
-        from cifarlab.module import ImageClassifier
-
-        try:
-            model = ImageClassifier(**{**self.hparams, **overrides})
-        except ConfigError:
-            raise  # a setting that is wrong today says so itself
-        except (TypeError, ValueError) as err:
-            raise CifarlabError(f"{self.path} was written for another model ({err}): it cannot be rebuilt by this "
-                                "cifarlab version") from None
-        try:
-            model.load_state_dict(self.state_dict, strict=strict)
-        except RuntimeError as err:
-            detail = str(err).strip().splitlines()[0]
-            raise CifarlabError(f"the weights in {self.path} do not fit its own model ({detail[:160]})") from None
-        model.datamodule_hparams = dict(self.data)  # where it was trained: the default data to evaluate it on
-        return model
+        return ImageClassifier.rebuild(self.hparams, self.state_dict, self.data, source=self.path, strict=strict,
+                                       **overrides)
 
 
 def describe_model(hparams: dict) -> str:
@@ -115,3 +79,14 @@ def describe_model(hparams: dict) -> str:
 def load_classifier(path: str | Path, map_location: str | torch.device = "cpu"):
     """An ``ImageClassifier`` rebuilt from a checkpoint alone, in eval mode (see ``Checkpoint.read``: no pickles)."""
     return Checkpoint.read(path, map_location).build().eval()
+
+
+def weights_digest(state_dict: dict[str, torch.Tensor]) -> str:
+    """A short hash of a model's weights and buffers (names, dtypes, shapes and bytes): equal for two checkpoint
+    files holding the same weights (``best.ckpt`` and ``last.ckpt`` of a run tested on its final weights)."""
+    h = hashlib.sha1()
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().cpu().contiguous()
+        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]

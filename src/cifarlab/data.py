@@ -27,6 +27,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from cifarlab.errors import ConfigError, DataError
+from cifarlab.files import save_npz
 from cifarlab.progress import progress
 from cifarlab.stats import cached_channel_stats
 from cifarlab.transforms import (
@@ -171,13 +172,10 @@ def _decode_folder_split(files: list, root: Path, split: str, classes: list[str]
         raise DataError(f"no readable image in {root / split}: check the files")
     images, labels = np.stack(images), np.array(labels, dtype=np.int64)
     _report_skipped(skipped, root, skip_corrupt)
-    cache_dir = cache_file.parent
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = cache_file.with_name(f"{cache_file.name}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, images=images, labels=labels, classes=np.array(classes), skipped=np.array(skipped, dtype=str))
-    os.replace(tmp, cache_file)  # atomic: an interrupted run never leaves a half-written cache
-    for stale in cache_dir.glob(f"{split}-*.npz"):
-        if stale != cache_file and ".tmp." not in stale.name:
+    # atomic: an interrupted run never leaves a half-written cache
+    save_npz(cache_file, images=images, labels=labels, classes=np.array(classes), skipped=np.array(skipped, dtype=str))
+    for stale in cache_file.parent.glob(f"{split}-*.npz"):
+        if stale != cache_file:
             stale.unlink(missing_ok=True)
     return Split(images, labels, classes, key)
 
@@ -371,7 +369,7 @@ class CIFARDataModule(L.LightningDataModule):
         self.mean: list[float] | None = None
         self.std: list[float] | None = None
         self.train_set = self.val_set = self.test_set = None
-        self._batch_augment: BatchAugment | None = None
+        self.batch_augment: BatchAugment | None = None  # the tensor back end's augmentation, once set up
 
     # -- where things live
     @property
@@ -443,7 +441,7 @@ class CIFARDataModule(L.LightningDataModule):
         if self.augment.backend == "albumentations":
             per_sample = albumentations_pipeline(self.augment, self.mean)
         elif self.augment.backend == "tensor":
-            self._batch_augment = BatchAugment(self.augment, self.mean, self.std)
+            self.batch_augment = BatchAugment(self.augment, self.mean, self.std)
         self.train_set = ImageArrayDataset(train.images[train_idx], train.labels[train_idx], per_sample)
         if self.augment.flip and self.augment.alternate_flips:
             # Seeded from torch's seed (seed_everything), so a resumed run flips the same images.
@@ -495,16 +493,16 @@ class CIFARDataModule(L.LightningDataModule):
         """Batched augmentation runs here: on the training device, on whole uint8 batches."""
         training = self.trainer is not None and self.trainer.training
         # (ModelSummary also sends its bare example tensor through here: leave that alone.)
-        if self._batch_augment is not None and training and isinstance(batch, (list, tuple)):
+        if self.batch_augment is not None and training and isinstance(batch, (list, tuple)):
             x, y = batch
-            self._batch_augment.to(x.device)
-            batch = (self._batch_augment(x, crop_for_epoch(self.augment, self.trainer.current_epoch)), y)
+            self.batch_augment.to(x.device)
+            batch = (self.batch_augment(x, crop_for_epoch(self.augment, self.trainer.current_epoch)), y)
         return batch
 
     def train_transform(self):
         """A callable ``(B, 3, H, W) uint8 -> augmented`` for previews, whatever the back end."""
         if self.augment.backend == "tensor":
-            return self._batch_augment
+            return self.batch_augment
         if self.augment.backend == "albumentations":
             pipe = self.train_set.transform
             return lambda x: torch.stack([pipe(image=im.permute(1, 2, 0).numpy())["image"] for im in x])

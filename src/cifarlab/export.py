@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cifarlab.errors import CifarlabError
+from cifarlab.errors import needs_extra
+from cifarlab.files import atomic_path
 
 PREPROCESSING = ("uint8 RGB, channels first (N, 3, 32, 32); resize any image to 32x32 with PIL bicubic "
                  "(antialiased), no other scaling: normalisation by the training mean/std is inside the graph")
@@ -42,23 +43,18 @@ class Probabilities(nn.Module):
 def export_onnx(model, out: str | Path, tta: bool = False, opset: int = 18) -> Path:
     """Write ``model`` (an ``ImageClassifier``) as ONNX to ``out`` with a dynamic batch size; returns the path."""
     out = Path(out)
-    try:
-        import onnx  # noqa: F401  (torch.onnx needs it; onnxscript too, for the dynamo exporter)
-    except ImportError:
-        raise CifarlabError("exporting to ONNX needs the export extras: pip install -e '.[export]'") from None
-    out.parent.mkdir(parents=True, exist_ok=True)
+    with needs_extra("export"):
+        import onnx  # noqa: F401  (an optional extra; torch.onnx needs it, and onnxscript for the dynamo exporter)
     wrapper = Probabilities(model.float().eval(), tta).eval()
     example = torch.zeros(2, 3, 32, 32, dtype=torch.uint8)
     batch = torch.export.Dim("batch", min=1, max=65536)
-    tmp = out.with_name(out.name + ".tmp")
-    with warnings.catch_warnings(), torch.no_grad():
+    with warnings.catch_warnings(), torch.no_grad(), atomic_path(out) as tmp:  # never a half-written model
         warnings.simplefilter("ignore")  # the exporter's progress notes and deprecation chatter
         program = torch.onnx.export(wrapper, (example,), dynamo=True, opset_version=opset, input_names=["images"],
                                     output_names=["probs"], dynamic_shapes={"images": {0: batch}},
                                     external_data=False, verbose=False)
         program.model.metadata_props.update(_metadata(model, tta))
         program.save(tmp, external_data=False)
-    tmp.replace(out)  # never a half-written model under the final name
     return out
 
 

@@ -6,9 +6,10 @@ in training: images become ``(3, 32, 32)`` uint8 through ``transforms.pil_to_uin
 
 from __future__ import annotations
 
-import hashlib
+import glob
 import io
-from collections.abc import Iterator
+import zipfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,8 +17,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from cifarlab.errors import CifarlabError
-from cifarlab.progress import progress
+from cifarlab.audit import steps
+from cifarlab.checkpoint import weights_digest
+from cifarlab.data import IMG_EXTENSIONS, CIFARDataModule
+from cifarlab.errors import CifarlabError, DataError
+from cifarlab.files import file_key, save_predictions
+from cifarlab.metrics import confusion_matrix
 from cifarlab.runs import Run
 from cifarlab.transforms import pil_to_uint8
 
@@ -36,9 +41,6 @@ def eval_datamodule(model, root: str | None = None, source: str = "auto", requir
 
     Returns ``None`` when no root was given and the training data is not at hand (``required=False``).
     """
-    from cifarlab.data import CIFARDataModule
-    from cifarlab.errors import DataError
-
     trained = getattr(model, "datamodule_hparams", {}) or {}
     if root is None:
         root, source = trained.get("root"), trained.get("source", "auto")
@@ -55,12 +57,6 @@ def eval_datamodule(model, root: str | None = None, source: str = "auto", requir
         raise DataError(f"the data's classes {dm.class_names} differ from the checkpoint's {model.class_names}: "
                         "pass the --data.root the model was trained on")
     return dm
-
-
-def checkpoint_key(path: str | Path) -> str:
-    """Identifies a checkpoint file by path, size and mtime (cheap; changes when the file is rewritten)."""
-    st = Path(path).stat()
-    return hashlib.sha1(f"{Path(path).resolve()}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------------------------- images
@@ -141,9 +137,6 @@ def classify(model, x: torch.Tensor) -> torch.Tensor:
 def expand_images(patterns: list[str]) -> tuple[list[str], list[str]]:
     """Image paths from files, folders (recursively, image extensions only) and globs, in the order given (sorted
     within a folder or glob); and the arguments that matched nothing."""
-    import glob
-
-    from cifarlab.data import IMG_EXTENSIONS
 
     found, missing = [], []
     for pattern in patterns:
@@ -217,36 +210,54 @@ class Predictions:
         return self.probs.max(1)
 
     def confusion_matrix(self) -> np.ndarray:
-        k = len(self.classes)
-        return np.bincount(self.labels * k + self.preds, minlength=k * k).reshape(k, k)
+        return confusion_matrix(self.preds, self.labels, len(self.classes))
 
 
-def predict_test_set(model, ckpt_path: str | Path, datamodule, batch_size: int = 500) -> Predictions:
+def predict_test_set(model, ckpt_path: str | Path, datamodule, batch_size: int = 500,
+                     report: Callable[[int, int], None] | None = None) -> Predictions:
     """Predictions of ``model`` on the datamodule's test split, computed once and cached per checkpoint.
 
-    Reuses ``test_predictions.npz`` from the checkpoint's run directory when ``cifarlab fit`` wrote it for
-    this very checkpoint; otherwise runs the test set in batches and caches the result next to the data.
+    Reuses ``test_predictions.npz`` from the checkpoint's run directory when ``cifarlab fit`` wrote it for this
+    checkpoint or for one with the same weights (``last.ckpt`` after the tested epoch); otherwise runs the test set
+    in batches (``report(done, total)`` after each) and caches the result next to the data.
     """
     datamodule.setup("test")
     test = datamodule.test_set
     images, labels = test.images, test.labels.numpy()
     ckpt_path = Path(ckpt_path).resolve()
+    classes = list(model.class_names)
     run_file = Run.of_checkpoint(ckpt_path).test_predictions
     tta = model.tta.level  # in the name: files from before TTA was applied here are not reused
-    cache_file = datamodule.cache_dir / f"predictions-tta{tta}-{checkpoint_key(ckpt_path)}-{len(labels)}.npz"
-    for candidate in (run_file, cache_file):
-        if candidate.exists():
-            with np.load(candidate, allow_pickle=False) as z:
-                same_ckpt = Path(str(z["ckpt_path"])).resolve() == ckpt_path if z["ckpt_path"].size else False
-                if (candidate == cache_file or same_ckpt) and np.array_equal(z["labels"], labels):
-                    return Predictions(images, labels, z["probs"].astype(np.float32), list(model.class_names))
+    cache_file = datamodule.cache_dir / f"predictions-tta{tta}-{file_key(ckpt_path)}-{len(labels)}.npz"
+    if cache_file.exists():
+        found = _read_predictions(cache_file, labels)
+        if found is not None:
+            return Predictions(images, labels, found[0], classes)
+    if run_file.exists():
+        found = _read_predictions(run_file, labels)
+        if found is not None:
+            probs, z = found
+            same_file = Path(str(z["ckpt_path"])).resolve() == ckpt_path if z["ckpt_path"].size else False
+            same_weights = str(z.get("weights", "")) == weights_digest(model.state_dict())
+            if same_file or same_weights:
+                return Predictions(images, labels, probs, classes)
     probs = []
-    starts = range(0, len(labels), batch_size)
-    for start in progress(starts, f"predicting {len(labels)} test images (once per checkpoint)", unit="batch"):
+    desc = f"predicting {len(labels)} test images (once per checkpoint)"
+    for start in steps(len(labels), desc, report, batch_size):
         x, _ = test.batch(range(start, min(start + batch_size, len(labels))))
         probs.append(classify(model, x).numpy())
-    probs = np.concatenate(probs)
-    from cifarlab.report import save_predictions
+    probs = np.concatenate(probs) if probs else np.zeros((0, len(classes)), np.float32)
+    save_predictions(cache_file, probs, labels, classes, str(ckpt_path), weights_digest(model.state_dict()))
+    return Predictions(images, labels, probs, classes)
 
-    save_predictions(cache_file, probs, labels, list(model.class_names), str(ckpt_path))
-    return Predictions(images, labels, probs, list(model.class_names))
+
+def _read_predictions(path: Path, labels: np.ndarray) -> tuple[np.ndarray, dict] | None:
+    """``(probs, arrays)`` of a predictions file made for these ``labels``; ``None`` if damaged or other data."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        return None
+    if "labels" not in arrays or not np.array_equal(arrays["labels"], labels):
+        return None
+    return arrays["probs"].astype(np.float32), arrays

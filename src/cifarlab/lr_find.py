@@ -1,4 +1,4 @@
-"""Learning-rate range test: Lightning's Tuner sweeps the LR exponentially; we pick and plot the suggestion.
+"""Learning-rate range test: Lightning's Tuner sweeps the LR exponentially; we pick the suggestion.
 
 The sweep is Lightning's (device, precision, data hooks all come from the Trainer). The suggestion is ours,
 because Lightning 2.6's own (``tuner/lr_finder.py``) misleads on an exponential sweep:
@@ -12,16 +12,14 @@ We undo the bias exactly and take the steepest descent against log(LR), as torch
 
 from __future__ import annotations
 
-import csv
 import math
-from pathlib import Path
+from dataclasses import dataclass
 
 import lightning as L
 import numpy as np
 from lightning.pytorch.tuner import Tuner
 
 from cifarlab.errors import CifarlabError
-from cifarlab.report import plt
 
 BETA = 0.98  # Lightning's loss smoothing factor in the range test (_LRCallback's default)
 
@@ -53,16 +51,25 @@ def steepest_descent(lrs, losses, skip_begin: int = 10, skip_end: int = 5, windo
     return int(idx[np.argmin(slope)])
 
 
-def lr_range_test(trainer: L.Trainer, model: L.LightningModule, datamodule: L.LightningDataModule,
-                  out_dir: Path, min_lr: float = 1e-7, max_lr: float = 10.0, num_iter: int = 200) -> dict:
-    """Sweep the LR exponentially from ``min_lr`` to ``max_lr`` over ``num_iter`` training batches.
+@dataclass
+class LRSweep:
+    """An LR range test: ``lrs`` and ``losses`` (debiased, smoothed) per point, ``best`` the suggested point."""
 
-    Writes into ``out_dir``: ``lr_find.png`` (loss vs LR, suggestion marked), ``lr_find.csv`` (the points) and
-    ``suggested_lr.yaml`` (a config fragment for ``cifarlab fit --config RECIPE --config suggested_lr.yaml``).
-    Returns ``{"lr": suggestion, "plot": path, "config": path}``. The model's weights are restored afterwards.
-    """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    lrs: np.ndarray
+    losses: np.ndarray
+    best: int
+    min_lr: float
+    max_lr: float
+
+    @property
+    def suggestion(self) -> float:
+        return float(self.lrs[self.best])
+
+
+def lr_range_test(trainer: L.Trainer, model: L.LightningModule, datamodule: L.LightningDataModule,
+                  min_lr: float = 1e-7, max_lr: float = 10.0, num_iter: int = 200) -> LRSweep:
+    """Sweep the LR exponentially from ``min_lr`` to ``max_lr`` over ``num_iter`` training batches and pick the
+    steepest descent. The model's weights are restored afterwards."""
     finder = Tuner(trainer).lr_find(model, datamodule=datamodule, min_lr=min_lr, max_lr=max_lr,
                                     num_training=num_iter, mode="exponential", update_attr=False)
     lrs = np.asarray(finder.results["lr"], dtype=np.float64)
@@ -71,30 +78,8 @@ def lr_range_test(trainer: L.Trainer, model: L.LightningModule, datamodule: L.Li
         best = steepest_descent(lrs, losses)
     except ValueError:
         raise CifarlabError(f"the LR range test stopped after {len(lrs)} points, too few for a suggestion "
-                           "(the loss diverged early): raise --num_iter or lower --max_lr") from None
-    suggestion = float(lrs[best])
-    if not math.isfinite(suggestion):
+                            "(the loss diverged early): raise --num_iter or lower --max_lr") from None
+    sweep = LRSweep(lrs, losses, best, min_lr, max_lr)
+    if not math.isfinite(sweep.suggestion):
         raise CifarlabError("the LR range test gave no finite suggestion: check the data and --min_lr/--max_lr")
-
-    with open(out_dir / "lr_find.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["lr", "smoothed_loss"])
-        writer.writerows(zip(lrs.tolist(), losses.tolist()))
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.plot(lrs, losses)
-    ax.plot(lrs[best], losses[best], "o", color="red", markersize=9, label=f"suggested lr = {suggestion:.3g}")
-    ax.set_xscale("log")
-    ax.set_xlabel("learning rate (log scale)")
-    ax.set_ylabel("training loss (smoothed)")
-    ax.set_title(f"LR range test: {len(lrs)} steps, exponential {min_lr:g} -> {max_lr:g}")
-    finite = losses[np.isfinite(losses)]
-    ax.set_ylim(finite.min() * 0.95, min(finite.max(), 3 * finite[: max(1, len(finite) // 2)].max()) * 1.05)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_dir / "lr_find.png", dpi=110)
-    plt.close(fig)
-    config = out_dir / "suggested_lr.yaml"
-    config.write_text(f"# written by `cifarlab lr-find`: the steepest loss descent against log(lr) in lr_find.png\n"
-                      f"model:\n  optimizer:\n    lr: {suggestion:.6g}\n")
-    return {"lr": suggestion, "plot": out_dir / "lr_find.png", "config": config}
+    return sweep

@@ -2,11 +2,15 @@
 
 Its settings come in groups, each a dataclass whose fields are the command-line flags
 (``--model.optimizer.lr``, ``--model.schedule.pct_start``, ``--model.tta.level``), as ``AugmentConfig`` is for the data.
+The module also owns how its checkpoints are read back: the safe file read, settings from older versions
+(``LEGACY_NAMES``, ``migrate_hparams``) and the rebuild (``cifarlab.checkpoint`` builds on these).
 """
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import lightning as L
@@ -14,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from cifarlab.errors import ConfigError
+from cifarlab.errors import CifarlabError, ConfigError
 from cifarlab.models import build_model
-from cifarlab.optim import Muon
+from cifarlab.optim import Muon, OneCycle
 from cifarlab.transforms import IMAGE_SIZE, Normalize
 
 
@@ -50,7 +54,7 @@ class OptimizerConfig:
 
 @dataclass(frozen=True)
 class ScheduleConfig:
-    """The learning-rate schedule (``torch.optim.lr_scheduler.OneCycleLR``, stepped every batch)."""
+    """The learning-rate schedule (``cifarlab.optim.OneCycle``, torch's ``OneCycleLR``, stepped every batch)."""
 
     name: Literal["onecycle", "none"] = "onecycle"
     """``onecycle``, or ``none`` (constant ``optimizer.lr``)."""
@@ -66,6 +70,15 @@ class ScheduleConfig:
     """Shape of the ramps."""
     cycle_momentum: bool = True
     """Cycle momentum (SGD) or beta1 (Adam) inversely to the LR, between 0.85 and 0.95."""
+    total_steps: int | None = None
+    """Optimizer steps of the schedule; training ends there even if the Trainer's limits are further. None: the
+    Trainer's length (``max_steps``, or ``max_epochs`` x batches). ``--budget`` sets it to the planned steps."""
+
+    def check(self) -> None:
+        """A ``ConfigError`` for a value out of range."""
+        if self.total_steps is not None and self.total_steps < 1:
+            raise ConfigError(f"schedule.total_steps is a number of optimizer steps (>= 1, or null for the "
+                              f"Trainer's length), got {self.total_steps}")
 
 
 @dataclass(frozen=True)
@@ -100,6 +113,8 @@ class TTAConfig:
             raise ConfigError(f"tta.confident_at is a probability in (0, 1] (1: TTA for every image), "
                               f"got {self.confident_at}")
 
+
+BATCH_NORMS = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d, torch.nn.SyncBatchNorm)
 
 GROUPS: dict[str, type] = {"optimizer": OptimizerConfig, "schedule": ScheduleConfig, "whitening": WhiteningConfig,
                            "tta": TTAConfig}
@@ -143,6 +158,43 @@ def migrate_hparams(hparams: dict[str, Any]) -> dict[str, Any]:
             if out.get(name) is None or isinstance(out[name], dict):
                 out[name] = {**asdict(cls()), **(out.get(name) or {})}
     return out
+
+
+def read_checkpoint_file(path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """A ``.ckpt`` written by ``cifarlab fit`` as a dict, loaded without unpickling arbitrary objects.
+
+    ``torch.load(weights_only=True)`` only accepts tensors and plain containers, so a crafted checkpoint carrying a
+    pickle payload is refused (a ``CifarlabError``) before any of its code can run.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CifarlabError(f"checkpoint {path} not found: pass the .ckpt of a run, e.g. "
+                            "--ckpt runs/seed/version_0/checkpoints/last.ckpt")
+    try:
+        raw = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "Unsupported global" not in str(err):  # no code reference refused: bytes of something else
+            raise CifarlabError(f"{path} is not a readable PyTorch checkpoint (UnpicklingError): "
+                                "pass a .ckpt file written by `cifarlab fit`") from None
+        # torch names the refused global in its message ("Unsupported global: GLOBAL exec ..."): show that line.
+        first = next(ln.strip() for ln in str(err).splitlines() if "Unsupported global" in ln)
+        raise CifarlabError(f"refusing to load {path}: it holds pickled objects, not only weights and plain "
+                            f"data ({first[:160]}); load checkpoints written by cifarlab only") from None
+    except Exception as err:  # torch.load raises anything from KeyError to RuntimeError on a non-checkpoint
+        raise CifarlabError(f"{path} is not a readable PyTorch checkpoint ({type(err).__name__}): "
+                            "pass a .ckpt file written by `cifarlab fit`") from None
+    if not isinstance(raw, dict) or "state_dict" not in raw or "hyper_parameters" not in raw:
+        raise CifarlabError(f"{path} is not a cifarlab checkpoint (no state_dict/hyper_parameters): "
+                            "pass a .ckpt file written by `cifarlab fit`")
+    return raw
+
+
+def saved_settings(raw: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The model's arguments (today's grouped form, ``migrate_hparams``) and the data module's arguments of a
+    checkpoint read by ``read_checkpoint_file``, without Lightning's bookkeeping (keys with a leading underscore)."""
+    hparams = migrate_hparams({k: v for k, v in raw["hyper_parameters"].items() if not k.startswith("_")})
+    data = {k: v for k, v in raw.get("datamodule_hyper_parameters", {}).items() if not k.startswith("_")}
+    return hparams, data
 
 
 def _as(cls: type, value: Any):
@@ -233,15 +285,36 @@ class ImageClassifier(L.LightningModule):
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path, map_location=None, hparams_file=None, strict: bool = True,
                              weights_only: bool | None = None, **overrides) -> ImageClassifier:
-        """Rebuild a model from its checkpoint alone, as Lightning's does, through ``cifarlab.checkpoint.Checkpoint``:
-        tensors and plain data only (``weights_only`` is always true), and checkpoints written with flat arguments
-        still load. ``map_location`` defaults to the CPU; ``overrides`` replace saved arguments."""
-        from cifarlab.checkpoint import Checkpoint
-
+        """Rebuild a model from its checkpoint alone, as Lightning's does, with ``read_checkpoint_file``: tensors and
+        plain data only (``weights_only`` is always true), and checkpoints written with flat arguments still load.
+        ``map_location`` defaults to the CPU; ``overrides`` replace saved arguments."""
         if hparams_file is not None:
             raise TypeError("ImageClassifier.load_from_checkpoint: a checkpoint carries its own settings; "
                             "pass changed ones as keyword arguments instead of hparams_file")
-        return Checkpoint.read(checkpoint_path, map_location or "cpu").build(strict=strict, **overrides)
+        raw = read_checkpoint_file(checkpoint_path, map_location or "cpu")
+        hparams, data = saved_settings(raw)
+        return cls.rebuild(hparams, raw["state_dict"], data, source=checkpoint_path, strict=strict, **overrides)
+
+    @classmethod
+    def rebuild(cls, hparams: dict[str, Any], state_dict: dict[str, torch.Tensor], data: dict[str, Any] | None = None,
+                *, source="checkpoint", strict: bool = True, **overrides) -> ImageClassifier:
+        """The model saved as ``hparams`` + ``state_dict`` (read from ``source``), weights loaded (``strict`` as for
+        ``load_state_dict``), in training mode (as Lightning's ``load_from_checkpoint``); ``overrides`` replace saved
+        arguments (e.g. ``tta={"level": 0}``). ``model.datamodule_hparams`` is ``data``."""
+        try:
+            model = cls(**{**hparams, **overrides})
+        except ConfigError:
+            raise  # a setting that is wrong today says so itself
+        except (TypeError, ValueError) as err:
+            raise CifarlabError(f"{source} was written for another model ({err}): it cannot be rebuilt by this "
+                                "cifarlab version") from None
+        try:
+            model.load_state_dict(state_dict, strict=strict)
+        except RuntimeError as err:
+            detail = str(err).strip().splitlines()[0]
+            raise CifarlabError(f"the weights in {source} do not fit its own model ({detail[:160]})") from None
+        model.datamodule_hparams = dict(data or {})  # where it was trained: the default data to evaluate it on
+        return model
 
     # The settings groups, read from the saved hyperparameters: a checkpoint always holds what the model uses.
     @property
@@ -259,6 +332,23 @@ class ImageClassifier(L.LightningModule):
     @property
     def tta(self) -> TTAConfig:
         return TTAConfig(**self.hparams.tta)
+
+    @property
+    def total_steps(self) -> int:
+        """Optimizer steps of the whole run: ``schedule.total_steps``, or the Trainer's length."""
+        return self.schedule.total_steps or int(self.trainer.estimated_stepping_batches)
+
+    def set_total_steps(self, total: int) -> None:
+        """Make the run ``total`` optimizer steps long from here on: the LR schedule stretches or shrinks (each phase
+        keeping its share) and training ends at that step; the saved hyperparameters record it."""
+        self.hparams.schedule = {**self.hparams.schedule, "total_steps": int(total)}
+        try:
+            schedulers = self.lr_schedulers()
+        except RuntimeError:  # no Trainer yet: configure_optimizers reads the length from the hyperparameters
+            schedulers = None
+        for sched in schedulers if isinstance(schedulers, list) else [schedulers]:
+            if isinstance(sched, OneCycle):
+                sched.total_steps = int(total)
 
     @property
     def whiten(self) -> torch.nn.Conv2d | None:
@@ -302,6 +392,11 @@ class ImageClassifier(L.LightningModule):
             scheduled = sched.get_last_lr()[i] if sched is not None else peak
             opt.param_groups[i]["lr"] = scheduled * max(0.0, 1 - self.global_step / span)
 
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        # A set schedule length ends the run there (Lightning's limits may be further: --budget may lengthen it).
+        if self.schedule.total_steps and self.global_step >= self.schedule.total_steps:
+            self.trainer.should_stop = True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 pixels ``(B, 3, H, W)`` -> logits ``(B, num_classes)``."""
         x = self.normalize(x)
@@ -340,21 +435,23 @@ class ImageClassifier(L.LightningModule):
         translated = torch.stack([0.5 * (self(v) + self(v.flip(-1))) for v in shifted]).mean(0)
         return 0.5 * mirror + 0.5 * translated
 
-    def _step(self, batch, tta: bool = False):
+    def logits_and_loss(self, batch, tta: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(logits, labels, cross-entropy loss)`` of a batch ``(uint8 images, labels)``; with ``tta``, the
+        test-time views' logits."""
         x, y = batch
         logits = self.tta_logits(x) if tta else self(x)
         loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
         return logits, y, loss
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        logits, y, loss = self._step(batch)
+        logits, y, loss = self.logits_and_loss(batch)
         self.train_acc(logits, y)
         self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True)
         self.log("train_acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
         return loss
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        logits, y, loss = self._step(batch)
+        logits, y, loss = self.logits_and_loss(batch)
         self.val_acc(logits, y)
         self.log("val_loss", loss, prog_bar=True, sync_dist=True)  # averaged over DDP ranks (metrics sync anyway)
         self.log("val_acc", self.val_acc, prog_bar=True)
@@ -364,7 +461,7 @@ class ImageClassifier(L.LightningModule):
         self.test_probs: list[torch.Tensor] = []  # (B, K) per batch, for the saved predictions
 
     def test_step(self, batch, batch_idx: int) -> None:
-        logits, y, loss = self._step(batch, tta=True)
+        logits, y, loss = self.logits_and_loss(batch, tta=True)
         self.test_probs.append(logits.float().softmax(1).cpu())
         self.test_acc(logits, y)
         self.test_confmat.update(logits.argmax(1), y)
@@ -381,7 +478,7 @@ class ImageClassifier(L.LightningModule):
         ``muon``, conv filters in a group of their own at ``muon_lr``, ``muon_momentum``; a whitening bias in a group
         of its own (``whiten_bias=True``) when its LR differs from ``lr`` or decays early."""
         opt, white = self.optim, self.whitening
-        bn_ids = {id(p) for m in self.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+        bn_ids = {id(p) for m in self.modules() if isinstance(m, BATCH_NORMS)
                   for p in m.parameters()}
         # Frozen parameters (airbench's whitening weights, BN scales) are left out. The whitening bias is frozen
         # only from epoch `bias_epochs` on, so it is in: SGD skips it once it has no gradient.
@@ -422,8 +519,8 @@ class ImageClassifier(L.LightningModule):
         opt = self.make_optimizer()
         if sched.name == "none":
             return opt
-        onecycle = torch.optim.lr_scheduler.OneCycleLR(
-            opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=int(self.trainer.estimated_stepping_batches),
+        onecycle = OneCycle(
+            opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=self.total_steps,
             pct_start=sched.pct_start, anneal_strategy=sched.anneal_strategy, div_factor=sched.div_factor,
             final_div_factor=sched.final_div_factor, three_phase=sched.three_phase,
             cycle_momentum=sched.cycle_momentum)

@@ -7,9 +7,13 @@ group) and checkpointing treat it like any other.
 
 Hand-written because ``torch.optim.Muon`` takes only 2-D matrices: a conv filter ``(C_out, C_in, kh, kw)`` is
 orthogonalised here as the ``(C_out, C_in * kh * kw)`` matrix, as in airbench.
+
+``OneCycle`` is torch's ``OneCycleLR`` with a length that may change mid-run (``--budget`` re-plans it).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -92,3 +96,71 @@ class Muon(torch.optim.Optimizer):
                     g = orthogonalize(g.reshape(len(g), -1), group["ns_steps"]).view_as(p)
                 p.add_(g, alpha=-lr)
         return loss
+
+
+class OneCycle(torch.optim.lr_scheduler.LRScheduler):
+    """The one-cycle schedule of ``torch.optim.lr_scheduler.OneCycleLR`` (same arguments, same LRs and momenta step
+    by step), whose ``total_steps`` may be changed at any step: the rest of the schedule stretches or shrinks, each
+    phase keeping its share (``OneCycleLR`` fixes its phases when built). From step ``total_steps - 1`` on it
+    stays at the end.
+
+    Its state (``state_dict``) is plain numbers; a saved ``OneCycleLR`` state loads into it too (same names).
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, max_lr: list[float], total_steps: int, pct_start: float = 0.3,
+                 anneal_strategy: str = "cos", cycle_momentum: bool = True, base_momentum: float = 0.85,
+                 max_momentum: float = 0.95, div_factor: float = 25.0, final_div_factor: float = 1e4,
+                 three_phase: bool = False):
+        if total_steps < 1 or not 0 <= pct_start <= 1 or anneal_strategy not in ("cos", "linear"):
+            raise ValueError(f"OneCycle: total_steps {total_steps} must be >= 1, pct_start {pct_start} in [0, 1], "
+                             f"anneal_strategy {anneal_strategy!r} 'cos' or 'linear'")
+        self.total_steps = total_steps
+        self.pct_start, self.anneal_strategy, self.three_phase = pct_start, anneal_strategy, three_phase
+        self.max_lrs = list(max_lr)
+        self.initial_lrs = [lr / div_factor for lr in self.max_lrs]
+        self.min_lrs = [lr / final_div_factor for lr in self.initial_lrs]
+        self.cycle_momentum = cycle_momentum
+        self.use_beta1 = "betas" in optimizer.defaults
+        self.momenta = (max_momentum, base_momentum)  # (at the LR's low ends, at its peak)
+        for group, lr in zip(optimizer.param_groups, self.initial_lrs):
+            group["lr"] = group["initial_lr"] = lr
+            if cycle_momentum:
+                self._set_momentum(group, max_momentum)
+        super().__init__(optimizer)
+
+    def _set_momentum(self, group: dict, value: float) -> None:
+        if self.use_beta1:
+            group["betas"] = (value, *group["betas"][1:])
+        else:
+            group["momentum"] = value
+
+    def _phases(self) -> list[tuple[float, int, int]]:
+        """``(end step, start point, end point)`` per phase; points: 0 initial LR / max momentum, 1 peak LR / base
+        momentum, 2 final LR / max momentum. End steps as ``OneCycleLR`` computes them."""
+        peak = float(self.pct_start * self.total_steps) - 1
+        if self.three_phase:
+            return [(peak, 0, 1), (2 * peak, 1, 0), (self.total_steps - 1, 0, 2)]
+        return [(peak, 0, 1), (self.total_steps - 1, 1, 2)]
+
+    def _anneal(self, start: float, end: float, pct: float) -> float:
+        if self.anneal_strategy == "cos":
+            return end + (start - end) / 2.0 * (math.cos(math.pi * pct) + 1)
+        return (end - start) * pct + start
+
+    def get_lr(self) -> list[float]:
+        step = min(self.last_epoch, self.total_steps - 1)  # after the last step: its end value, not an extrapolation
+        start_step, phases = 0.0, self._phases()
+        for i, (end_step, _, _) in enumerate(phases):  # the phase the step is in (or the last)
+            if step <= end_step or i == len(phases) - 1:
+                break
+            start_step = end_step
+        end_step, start_point, end_point = phases[i]
+        pct = (step - start_step) / (end_step - start_step)
+        momentum = {0: self.momenta[0], 1: self.momenta[1], 2: self.momenta[0]}
+        lrs = []
+        for group, lows, peak, final in zip(self.optimizer.param_groups, self.initial_lrs, self.max_lrs, self.min_lrs):
+            points = (lows, peak, final)
+            lrs.append(self._anneal(points[start_point], points[end_point], pct))
+            if self.cycle_momentum:
+                self._set_momentum(group, self._anneal(momentum[start_point], momentum[end_point], pct))
+        return lrs

@@ -14,6 +14,10 @@ batch, and of the evaluation batches that every rank runs, all ranks combine the
 call sits at the same place in every rank's loop, so it always meets. When any rank was signalled, all of them set
 Lightning's ``received_sigterm`` at the same batch and its loops stop there together; ``InterruptCheckpoint`` then
 saves ``last.ckpt`` (a collective save every rank reaches). A second Ctrl-C stops at once, without saving.
+
+Lightning has no public way to replace its handlers, so this swaps its private ``_SignalConnector`` into
+``trainer._signal_connector``; pyproject pins the Lightning minor version this was tested on, and
+tests/test_private_apis.py fails when the names or their shape change.
 """
 
 from __future__ import annotations
@@ -24,10 +28,13 @@ import os
 import re
 import signal
 import sys
+import threading
 
 import lightning as L
 import torch
 import torch.distributed as dist
+
+# Private: no public way to swap its DDP-hanging handler: https://github.com/Lightning-AI/pytorch-lightning/issues/20806
 from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnector
 from lightning.pytorch.trainer.states import TrainerFn
 
@@ -48,8 +55,9 @@ class _FlagOnlySignals(_SignalConnector):
 
     def register_signal_handlers(self) -> None:
         super().register_signal_handlers()  # keeps SLURM's requeue handler and the teardown bookkeeping
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            self._register_signal(signum, self._on_stop_signal)
+        if threading.current_thread() is threading.main_thread():  # Python installs handlers from there only
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(signum, self._on_stop_signal)
 
     def _on_stop_signal(self, signum: int, frame) -> None:
         if self.requested == signal.SIGINT and signum == signal.SIGINT:
@@ -59,9 +67,9 @@ class _FlagOnlySignals(_SignalConnector):
         _received.append(signum)
         if first:
             launcher = self.trainer.strategy.launcher
-            if launcher is not None and getattr(launcher, "procs", None):
-                # The ranks this process started may not have been signalled. SIGTERM even for a Ctrl-C: a terminal
-                # already sent them that SIGINT, and a second one would read as "stop at once".
+            if launcher is not None:
+                # The ranks this process started (none in a launched rank) may not have been signalled. SIGTERM even
+                # for a Ctrl-C: a terminal already sent them that SIGINT, and a second one would read as "stop at once".
                 launcher.kill(signal.SIGTERM)
             name = signal.Signals(signum).name
             fitting = self.trainer.state.fn == TrainerFn.FITTING

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
+
+from cifarlab.files import write_json
 
 
 def channel_stats(images: np.ndarray, chunk: int = 4096) -> tuple[list[float], list[float]]:
@@ -41,7 +42,5 @@ def cached_channel_stats(images: np.ndarray, cache_file: Path) -> tuple[list[flo
         except (ValueError, KeyError):
             pass  # unreadable cache: recompute and overwrite it below
     mean, std = channel_stats(images)
-    tmp = cache_file.with_name(f"{cache_file.name}.{os.getpid()}.tmp")  # per process: ranks may race here
-    tmp.write_text(json.dumps({"mean": mean, "std": std, "num_images": len(images)}, indent=2))
-    os.replace(tmp, cache_file)
+    write_json({"mean": mean, "std": std, "num_images": len(images)}, cache_file)  # ranks may race: atomic
     return mean, std

@@ -1,0 +1,155 @@
+"""The private names of Lightning and torch that cifarlab relies on, with the shape it relies on.
+
+pyproject pins Lightning to the minor version these were checked on. When one of these tests fails after an upgrade,
+its message names the upstream issue behind the workaround and the cifarlab file to revisit.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib
+import inspect
+import signal
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+from cifarlab import signals
+from cifarlab.loggers import KeepingCSVLogger
+
+SIGNALS = ("src/cifarlab/signals.py", "https://github.com/Lightning-AI/pytorch-lightning/issues/20806")
+CSV = ("src/cifarlab/loggers.py", "https://github.com/Lightning-AI/pytorch-lightning/pull/19446")
+SAMPLER = ("src/cifarlab/data.py (and the even split StopOnSignal._sync_eval assumes in signals.py)",
+           "https://github.com/pytorch/pytorch/issues/25162")
+BATCHNORM = ("src/cifarlab/module.py (param_groups)",
+             "no upstream issue: a tuple of the public BatchNorm1d/2d/3d and SyncBatchNorm classes does the same job")
+
+
+def fence(what: str, where: tuple[str, str]) -> str:
+    """The failure message: what changed, in which version, the file to revisit and the link that says why."""
+    return (f"{what} changed in lightning {L.__version__} / torch {torch.__version__}: revisit {where[0]} "
+            f"(why it uses a private name: {where[1]})")
+
+
+def _params(fn) -> list[str]:
+    return list(inspect.signature(fn).parameters)
+
+
+def test_signal_connector_is_the_trainer_attribute_behind_received_sigterm():
+    try:
+        from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnector
+    except ImportError as err:
+        pytest.fail(f"{fence('signal_connector._SignalConnector (import)', SIGNALS)}\n{err}")
+    assert _params(_SignalConnector.__init__) == ["self", "trainer"], fence("_SignalConnector(trainer)", SIGNALS)
+    assert _params(_SignalConnector.register_signal_handlers) == ["self"], \
+        fence("_SignalConnector.register_signal_handlers()", SIGNALS)
+    assert callable(getattr(_SignalConnector, "teardown", None)), fence("_SignalConnector.teardown()", SIGNALS)
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    connector = getattr(trainer, "_signal_connector", None)
+    assert isinstance(connector, _SignalConnector), fence("Trainer._signal_connector", SIGNALS)
+    assert connector.trainer is trainer and connector.received_sigterm is False, \
+        fence("_SignalConnector.trainer / .received_sigterm", SIGNALS)
+    connector.received_sigterm = True  # what StopOnSignal sets on every rank at the same batch
+    assert trainer.received_sigterm is True, fence("Trainer.received_sigterm (no longer reads the connector)", SIGNALS)
+
+
+class _Tiny(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(2, 2)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.cross_entropy(self.layer(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class _SignalAt(L.Callback):
+    """Records which handlers the loop runs under, then calls the installed SIGTERM handler before batch ``at``
+    (calling it, not sending the signal: if the handler were not installed, a real SIGTERM would end pytest)."""
+
+    def __init__(self, at: int) -> None:
+        self.at, self.seen = at, {}
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        connector = trainer._signal_connector
+        self.seen = {"connector": type(connector), "SIGTERM": signal.getsignal(signal.SIGTERM),
+                     "SIGINT": signal.getsignal(signal.SIGINT), "ours": connector._on_stop_signal}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == self.at:
+            signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)
+
+
+def test_trainer_runs_under_our_connector_and_stops_at_the_batch_it_flags(monkeypatch):
+    monkeypatch.setattr(signals, "_received", [])  # the CLI's record of signals, global to the process
+    before = signal.getsignal(signal.SIGTERM)
+    data = TensorDataset(torch.randn(16, 2), torch.randint(0, 2, (16,)))
+    probe = _SignalAt(at=1)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[signals.StopOnSignal(), probe])
+    with pytest.raises(SIGTERMException):
+        trainer.fit(_Tiny(), DataLoader(data, batch_size=2))
+    # StopOnSignal swaps the connector in `setup`: Lightning must register its handlers after that hook.
+    assert probe.seen["connector"] is signals._FlagOnlySignals, fence("when Trainer builds or registers the connector",
+                                                                      SIGNALS)
+    assert probe.seen["SIGTERM"] == probe.seen["ours"] and probe.seen["SIGINT"] == probe.seen["ours"], \
+        fence("_SignalConnector.register_signal_handlers (ours are not the handlers installed)", SIGNALS)
+    # Setting received_sigterm in on_train_batch_end makes the loop raise at the end of that same batch.
+    assert trainer.global_step == 2, fence("where the training loop reads received_sigterm", SIGNALS)
+    assert signal.getsignal(signal.SIGTERM) == before, fence("_SignalConnector.teardown (handlers not restored)",
+                                                             SIGNALS)
+    assert signals.received_signal() == signal.SIGTERM
+
+
+def test_csv_writer_still_deletes_metrics_through_the_check_we_override(tmp_path):
+    assert _params(ExperimentWriter._check_log_dir_exists) == ["self"], \
+        fence("ExperimentWriter._check_log_dir_exists()", CSV)
+    (tmp_path / "metrics.csv").write_text("a,step\n1.0,0\n")
+    with pytest.warns(UserWarning, match="exists and is not empty"):
+        ExperimentWriter(str(tmp_path))
+    # Upstream kept the file: KeepingCSVLogger may no longer be needed.
+    assert not (tmp_path / "metrics.csv").exists(), fence("ExperimentWriter (metrics.csv no longer deleted)", CSV)
+
+
+def test_keeping_csv_logger_appends_through_csvloggers_experiment_slot(tmp_path):
+    assert vars(CSVLogger(tmp_path)).get("_experiment", "missing") is None, fence("CSVLogger._experiment", CSV)
+    run = tmp_path / "exp" / "version_0"
+    run.mkdir(parents=True)
+    (run / "metrics.csv").write_text("a,step\n1.0,0\n")
+    (run / "hparams.yaml").write_text("{}\n")  # a resumed run's folder is not empty
+    logger = KeepingCSVLogger(tmp_path, name="exp", version=0)
+    logger.log_metrics({"a": 2.0}, step=1)
+    logger.finalize("success")  # Lightning saves only when _experiment is set
+    with open(run / "metrics.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows == [["a", "step"], ["1.0", "0"], ["2.0", "1"]], fence("CSVLogger.experiment / save / finalize", CSV)
+
+
+def test_unrepeated_sampler_splits_evaluation_sets_exactly():
+    try:
+        module = importlib.import_module("lightning.pytorch.overrides.distributed")
+        sampler_cls = module.UnrepeatedDistributedSampler
+    except (ImportError, AttributeError) as err:
+        pytest.fail(f"{fence('lightning.pytorch.overrides.distributed.UnrepeatedDistributedSampler', SAMPLER)}\n{err}")
+    # A DistributedSampler subclass: Lightning keeps it instead of putting its own (padding) sampler in.
+    assert issubclass(sampler_cls, DistributedSampler), fence("UnrepeatedDistributedSampler's base class", SAMPLER)
+    data = list(range(10))
+    split = [list(sampler_cls(data, num_replicas=3, rank=r, shuffle=False)) for r in range(3)]
+    assert split == [data[r::3] for r in range(3)], fence("UnrepeatedDistributedSampler's split", SAMPLER)
+
+
+def test_batchnorm_base_class_covers_every_batchnorm():
+    base = getattr(torch.nn.modules.batchnorm, "_BatchNorm", None)
+    assert base is not None, fence("torch.nn.modules.batchnorm._BatchNorm", BATCHNORM)
+    for cls in (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d, torch.nn.SyncBatchNorm):
+        assert issubclass(cls, base), fence(f"{cls.__name__}'s base class", BATCHNORM)
