@@ -50,7 +50,6 @@ def main() -> None:
     opts = parser.parse_args()
     torch.set_num_threads(torch.get_num_threads())
     app = CifarApp(opts.ckpt, data_root=None)
-    app.test = None  # latency only: no test set needed
     if opts.layer is None:
         opts.layer = next(iter(app.layers))  # deepest first, whatever the network
     if opts.layer not in app.layers:
@@ -120,7 +119,7 @@ def http_latency(app, opts) -> None:
 
     from cifarlab.app import launch
 
-    demo = launch(app, "127.0.0.1", None, block=False)
+    demo = launch(app, "127.0.0.1", None, block=False, prepare=False)  # Classify alone: no background work
     base = demo.local_url.rstrip("/")
     path = Path(tempfile.mkdtemp()) / "small.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(path)

@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from cifarlab.report import read_metrics_csv
+from cifarlab.plots import read_metrics_csv
 
 
 def main() -> None:

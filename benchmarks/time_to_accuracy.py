@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cifarlab.report import plt, read_metrics_csv
+from cifarlab.plots import plt, read_metrics_csv
 
 
 def main() -> None:

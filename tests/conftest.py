@@ -12,6 +12,9 @@ from PIL import Image
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 SHARED_TARBALL = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
+# Flags for a fit that tests the plumbing (runs, checkpoints, errors, schedules), not the network: airbench's layout
+# at 8/16/16 channels, about 11k weights against the custom ResNet's 6.5M, so a step takes milliseconds on a CPU.
+NARROW = ["--model.arch", "airbench", "--model.widths", "[8,16,16]"]
 
 
 def make_image_folder(root: Path, classes=("cat", "dog", "frog"), n_train: int = 24, n_test: int = 6,

@@ -1,8 +1,10 @@
-"""Callbacks the fault tests load into `cifarlab fit` subprocesses (with this folder on PYTHONPATH)."""
+"""Callbacks the fault tests load into `cifarlab fit` (``--trainer.callbacks+=``): in the test's own process, or in
+subprocesses with this folder on PYTHONPATH."""
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -63,3 +65,15 @@ class SlowAt(L.Callback):
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         self._arrive(trainer, "save")
+
+
+class SignalAt(L.Callback):
+    """Sends ``signum`` to this very process at the start of training step ``step``, as ``kill`` would: a one-process
+    run stops at the end of that step (the signal path of a multi-process run, without a second process)."""
+
+    def __init__(self, step: int, signum: int):
+        self.step, self.signum = step, signum
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)

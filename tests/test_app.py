@@ -50,7 +50,12 @@ def test_the_page_answers_before_the_data_is_ready_and_the_tabs_fill_themselves(
         assert flags[0] and not any(flags[1:])  # the examples need only the test set, loaded by now
         assert "the test-set predictions" in texts_and_flags[1]  # the Mistakes tab says what it waits for
         hold.set()
+        while not app.prep.finished():  # requests while the background work runs must not disturb it
+            client.predict(handle_file(str(root / "test" / "dog" / "0001.png")), 1, 0.5, "layer3 (4x4)",
+                           "Grad-CAM", api_name="/classify")
         assert app.wait(timeout=300), app.prep.status()
+        assert len(app.audit.test_features) == len(app.test.labels)
+        assert len(app.audit.similarity) == len(app.test.labels)
         texts_and_flags = app.poll()
         assert all(texts_and_flags[tabs:2 * tabs]) and not any(texts_and_flags[:tabs])
         items, summary = client.predict("any", "any", 3, 0.5, "layer3 (4x4)", "Grad-CAM", api_name="/mistakes")

@@ -1,4 +1,7 @@
-"""The benchmark scripts run (on a tiny setting: their numbers come from real runs, in docs/benchmarks.md)."""
+"""The benchmark scripts run (on a tiny setting: their numbers come from real runs, in docs/benchmarks.md).
+
+Each script runs in a Python process of its own (5-100 s each on 2 cores), so those tests are marked slow: CI runs
+them (`pytest -m slow`), the README's `pytest` does not. Every packaged recipe trains by default, on a few batches."""
 
 import re
 import subprocess
@@ -6,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from cifarlab.recipes import packaged_recipes
 
@@ -18,6 +22,7 @@ def _run(*args, cwd=REPO):
     return proc.stdout
 
 
+@pytest.mark.slow
 def test_time_to_accuracy_runs_seeds_and_plots(image_folder, tmp_path):
     out = _run("benchmarks/time_to_accuracy.py", "--data.root", image_folder, "--seeds", "0", "1",
                "--run_dir", tmp_path / "tta", "--", "--trainer.max_epochs", "2", "--data.batch_size", "16",
@@ -26,22 +31,26 @@ def test_time_to_accuracy_runs_seeds_and_plots(image_folder, tmp_path):
     assert (tmp_path / "tta" / "time_to_accuracy.png").exists()
 
 
+@pytest.mark.slow
 def test_throughput_compares_both_paths(image_folder):
     out = _run("benchmarks/throughput.py", "--data.root", image_folder, "--steps", "2", "--warmup", "1",
                "--batch_size", "8", "--val_size", "12")
     assert "seed:" in out and "cifarlab:" in out and "ratio cifarlab / seed" in out
 
 
+@pytest.mark.slow
 def test_latency_reports_both_networks():
     out = _run("benchmarks/latency.py", "--repeats", "1")
     assert out.count("| custom_resnet |") == 2 and out.count("| airbench |") == 2
 
 
+@pytest.mark.slow
 def test_precision_compares_fp32_and_bf16():
     out = _run("benchmarks/precision.py", "--batch_size", "4", "--steps", "1", "--archs", "airbench")
     assert "cifarlab picks: " in out and out.count("| airbench |") == 1
 
 
+@pytest.mark.slow
 def test_app_latency_and_faithfulness(smoke_run):
     root, run, ckpt = smoke_run
     out = _run("benchmarks/app_latency.py", "--ckpt", ckpt, "--repeats", "1")
@@ -53,12 +62,14 @@ def test_app_latency_and_faithfulness(smoke_run):
     assert "| 2 |" in out and "Final test" in out
 
 
+@pytest.mark.slow
 def test_selective_tta_reports_each_threshold(smoke_run):
     root, _, ckpt = smoke_run
     out = _run("benchmarks/selective_tta.py", ckpt, "--data.root", root, "--thresholds", "0.4", "0.9")
     assert "| (no TTA) | 0% |" in out and "| 0.4 |" in out and "| 0.9 |" in out and "| 1 (all) | 100% |" in out
 
 
+@pytest.mark.slow
 def test_app_latency_over_http(smoke_run):
     _, _, ckpt = smoke_run
     out = _run("benchmarks/app_latency.py", "--ckpt", ckpt, "--repeats", "2", "--http")
@@ -67,6 +78,7 @@ def test_app_latency_over_http(smoke_run):
         assert row in out
 
 
+@pytest.mark.slow
 def test_audit_speed_reports_each_step_and_the_findings(smoke_run):
     root, _, ckpt = smoke_run
     out = _run("benchmarks/audit_speed.py", "--ckpt", ckpt, "--data.root", root)
@@ -76,22 +88,31 @@ def test_audit_speed_reports_each_step_and_the_findings(smoke_run):
 
 @pytest.mark.parametrize("recipe", sorted(set(packaged_recipes()) - {"smoke"}))  # smoke: tested everywhere
 def test_every_recipe_trains(recipe, image_folder, tmp_path):
+    import yaml
+
     from cifarlab.cli import main
 
+    # Two training steps, one validation and one test batch: the recipe's own network, optimizer and schedule.
     main(["fit", "--config", str(REPO / "configs" / f"{recipe}.yaml"), "--data.root", str(image_folder),
           "--run.dir", str(tmp_path), "--trainer.max_epochs", "1", "--data.batch_size", "16", "--data.val_size", "12",
-          "--data.num_workers", "0", "--trainer.enable_progress_bar", "false"])
+          "--data.num_workers", "0", "--trainer.enable_progress_bar", "false", "--trainer.limit_train_batches", "2",
+          "--trainer.limit_val_batches", "1", "--trainer.limit_test_batches", "1"])
     assert list(tmp_path.glob(f"{recipe}/version_0/test_metrics.json"))
     # The checkpoint alone rebuilds the recipe's network (loading is strict: every weight's shape must match, the
     # wide recipe's widths included).
     from cifarlab.module import ImageClassifier
 
-    model = ImageClassifier.load_from_checkpoint(tmp_path / recipe / "version_0" / "checkpoints" / "last.ckpt",
-                                                 map_location="cpu")
+    ckpt = tmp_path / recipe / "version_0" / "checkpoints" / "last.ckpt"
+    model = ImageClassifier.load_from_checkpoint(ckpt, map_location="cpu")
+    recipe_model = yaml.safe_load((REPO / "configs" / f"{recipe}.yaml").read_text())["model"]
+    assert model.hparams.arch == recipe_model.get("arch", "custom_resnet")
+    assert model.hparams.optimizer["name"] == recipe_model.get("optimizer", {}).get("name", "adam")
+    assert torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"] == 2
     if recipe == "wide":
         assert model.net.block3.conv2.out_channels == 384
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("same", [[], ["--same"]], ids=["different", "same"])
 def test_app_load_answers_every_request(smoke_run, same):
     root, _, ckpt = smoke_run
@@ -109,6 +130,7 @@ def folder_1k(tmp_path_factory):
     return make_image_folder(tmp_path_factory.mktemp("k") / "data", n_train=350, n_test=6)
 
 
+@pytest.mark.slow
 def test_peer_runs_airbench_and_cifarlab_side_by_side(folder_1k, tmp_path):
     out = _run("benchmarks/peer.py", "--data.root", folder_1k, "--seeds", "0", "--peer_epochs", "1",
                "--run_dir", tmp_path, "--", "--trainer.max_steps", "2", "--data.batch_size", "64",
@@ -117,6 +139,7 @@ def test_peer_runs_airbench_and_cifarlab_side_by_side(folder_1k, tmp_path):
     assert "time ratio cifarlab / airbench94: " in out
 
 
+@pytest.mark.slow
 def test_budget_benchmark_runs_both_sides(folder_1k, tmp_path):
     out = _run("benchmarks/budget.py", "--data.root", folder_1k, "--budgets", "40s", "--run_dir", tmp_path,
                "--", "--data.batch_size", "64", "--data.val_size", "0")
@@ -124,6 +147,7 @@ def test_budget_benchmark_runs_both_sides(folder_1k, tmp_path):
     assert "cifarlab: budget 40s" in out  # the plan line of the run
 
 
+@pytest.mark.slow
 def test_throughput_fast_reports_the_ceiling(folder_1k):
     out = _run("benchmarks/throughput.py", "--data.root", folder_1k, "--steps", "1", "--warmup", "1",
                "--val_size", "12", "--batch_size", "256", "--fast", "--profile", "1")  # 988 images: 3 steps
@@ -133,6 +157,7 @@ def test_throughput_fast_reports_the_ceiling(folder_1k):
     assert re.search(r"^ +\d+\.\d%  aten::", out, re.M), out  # the op table
 
 
+@pytest.mark.slow
 def test_flagged_grid_shows_cleanlabs_ranking(image_folder, tmp_path):
     import numpy as np
 

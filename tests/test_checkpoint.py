@@ -126,3 +126,30 @@ def test_a_checkpoint_whose_settings_do_not_parse_is_one_line(smoke_run, tmp_pat
     assert len(err) == 1 and "odd.ckpt: its model settings do not fit" in err[0] and "nadam" in err[0], err
     with pytest.raises(CifarlabError, match="OptimizerConfig.name = .nadam.: choose one of"):
         load_classifier(tmp_path / "odd.ckpt")
+
+
+def test_weights_digest_names_the_weights_not_the_file(tmp_path):
+    from cifarlab.checkpoint import weights_digest
+
+    model = ImageClassifier(arch="airbench", class_names=["a", "b", "c"])
+    state = model.state_dict()
+    torch.save({"state_dict": state}, tmp_path / "w.ckpt")
+    loaded = torch.load(tmp_path / "w.ckpt", weights_only=True)["state_dict"]
+    assert weights_digest(loaded) == weights_digest(state)  # another file, the same weights
+    changed = {**state, "net.fc.weight": state["net.fc.weight"] + 1e-3}
+    assert weights_digest(changed) != weights_digest(state)
+    assert weights_digest({k: v.bfloat16() if v.is_floating_point() else v for k, v in state.items()}) != \
+        weights_digest(state)
+
+
+def test_module_and_checkpoint_import_one_way():
+    """checkpoint.py builds on module.py; module.py reads its own checkpoints (no import of checkpoint, even in a
+    function)."""
+    import ast
+
+    import cifarlab.module as module
+
+    tree = ast.parse(Path(module.__file__).read_text())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    imported |= {a.name for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names}
+    assert "cifarlab.checkpoint" not in imported

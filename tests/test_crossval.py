@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 from conftest import make_image_folder
 
-from cifarlab.crossval import MARKER, audit_plan, find_train_oof, finished_run, write_train_oof
+from cifarlab.audit import find_train_oof, write_train_oof
+from cifarlab.commands.audit import audit_plan
+from cifarlab.crossval import MARKER, finished_run
 from cifarlab.data import CIFARDataModule, stratified_folds
 from cifarlab.errors import ConfigError
 
@@ -81,9 +83,10 @@ def test_bad_fold_settings_are_refused(folds, fold):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--config", SMOKE], "--folds"),
+    (["--config", SMOKE], "required: folds"),
     (["--config", SMOKE, "--folds", "1"], "2 or more"),
-    (["--config", SMOKE, "--folds", "two"], "2 or more"),
+    (["--config", SMOKE, "--folds", "two"], 'Parser key "folds"'),
+    (["--config", SMOKE, "--folds", "2", "--data.batch_size", "many"], 'Parser key "data.batch_size"'),
     (["--folds", "2"], "--config"),
     (["--config", SMOKE, "--folds", "2", "--data.fold", "1"], "--folds K only"),
     (["--config", SMOKE, "--folds", "2", "--ckpt_path", "x.ckpt"], "--ckpt_path"),
@@ -100,9 +103,9 @@ def test_bad_audit_arguments_are_one_line(args, message, capsys):
 
 
 def test_each_fold_gets_its_share_of_the_budget_and_a_folder():
-    folds, fit_args, base, share = audit_plan(["--config", SMOKE, "--folds=4", "--budget", "10m", "--run.dir", "x",
-                                               "--model.optimizer.lr", "0.1"])
-    assert (folds, share, base) == (4, 150, Path("x/audit-k4"))
+    fit_args, base, share = audit_plan(["--config", SMOKE, "--folds=4", "--budget", "10m", "--run.dir", "x",
+                                        "--model.optimizer.lr", "0.1"], folds=4)
+    assert (share, base) == (150, Path("x/audit-k4"))
     assert fit_args == ["--config", SMOKE, "--model.optimizer.lr", "0.1", "--budget", "150"]
 
 
@@ -197,10 +200,11 @@ def test_the_app_shows_the_training_sets_label_issues_from_the_audit(audited):
 
     root, args, _ = audited
     ckpt = next(Path(args[args.index("--run.dir") + 1]).glob("audit-k2/fold0/*/version_0/checkpoints/last.ckpt"))
-    app = CifarApp(ckpt, str(root), projection="pca")
+    app = CifarApp(ckpt, str(root), projection="pca").start()
+    assert app.wait(timeout=300), app.prep.status()
     issues = app.audit.issues["train"]
     items, summary = app.label_issue_gallery("train", "any", 30)
     assert "2-fold cross-validation of smoke" in summary
-    assert f"flags **{len(issues.flagged)}** of 30 train images" in summary
+    assert f"flags {len(issues.flagged)} of 30 train images" in summary
     assert len(items) == len(issues.flagged)
     assert all(caption.startswith("train #") for _, caption in items)

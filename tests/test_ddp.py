@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_image_folder
+from conftest import NARROW, make_image_folder
 from run_helpers import lr_by_step
 
 from cifarlab.checkpoint import load_classifier
@@ -58,6 +58,39 @@ def test_two_process_ddp_logs_the_validation_accuracy_of_the_whole_split(tmp_pat
     # Data cache and statistics were built once (rank 0's prepare_data), not raced by the two processes.
     cache = sorted(p.name.split("-")[0] for p in (root / ".cifarlab-cache").iterdir())
     assert cache == ["stats", "test", "train"], cache
+
+
+def test_sigterm_in_one_process_stops_at_the_batch_saves_last_ckpt_and_resumes(tmp_path, capfd, monkeypatch):
+    """The signal path without a second process (fast; the 2-process cases below are slow): SIGTERM at the start of
+    step 3 sets the flag, the run stops at the end of that step, saves last.ckpt there and exits 143;
+    ``--ckpt_path last`` then finishes the run from step 4."""
+    from cifarlab import signals
+    from cifarlab.cli import main
+
+    monkeypatch.setattr(signals, "_received", [])  # the signals this process received: this test's only
+    handler = signal.getsignal(signal.SIGTERM)
+    root = make_image_folder(tmp_path / "data", n_train=12, n_test=2)  # 36 - 8 held out: 7 batches of 4 an epoch
+    runs = tmp_path / "runs"
+    args = ["fit", "--config", str(REPO / "configs" / "smoke.yaml"), "--data.root", str(root), "--run.dir", str(runs),
+            *NARROW, "--trainer.precision", "32-true", "--trainer.max_epochs", "2", "--data.batch_size", "4",
+            "--data.val_size", "8"]
+    spy = json.dumps({"class_path": "fault_helpers.SignalAt", "init_args": {"step": 3, "signum": int(signal.SIGTERM)}})
+    with pytest.raises(SystemExit) as exit_:
+        main([*args, f"--trainer.callbacks+={spy}"])
+    err = capfd.readouterr().err  # (the handler writes to file descriptor 2 itself)
+    assert exit_.value.code == 143, err[-3000:]
+    assert "SIGTERM received (rank 0): stopping at the end of this batch" in err
+    assert err.strip().splitlines()[-1] == "cifarlab: stopped by SIGTERM"
+    run = runs / "smoke" / "version_0"
+    ckpt = run / "checkpoints" / "last.ckpt"
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert (saved["epoch"], saved["global_step"]) == (0, 4)  # the signalled step finished, mid-epoch 0
+    assert not (run / "test_metrics.json").exists() and not list(ckpt.parent.glob("*.tmp"))
+    assert signal.getsignal(signal.SIGTERM) == handler  # the run put back the handler it found
+
+    main([*args, "--ckpt_path", "last"])
+    assert _progress(ckpt) == 14 and (run / "test_metrics.json").exists()
+    assert sorted(lr_by_step(run)) == list(range(14))  # every step's LR logged once, before and after the stop
 
 
 # --- stopping a 2-process run: SIGTERM / Ctrl-C save last.ckpt and stop every rank; a dead rank stops the others

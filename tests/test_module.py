@@ -82,3 +82,52 @@ def test_lookahead_pulls_toward_slow_weights_and_ends_on_them():
     trainer.global_step = 3  # the last step: the model takes the slow weights, which do not move
     la.on_train_batch_end(trainer, model, None, None, 0)
     torch.testing.assert_close(model.weight, torch.full((1, 2), 0.5))
+
+
+@pytest.mark.parametrize("opt_cls", [torch.optim.SGD, torch.optim.Adam])
+@pytest.mark.parametrize(("three_phase", "anneal", "pct"), [(False, "linear", 0.0), (False, "cos", 5 / 24),
+                                                             (True, "linear", 0.25), (True, "cos", 0.3)])
+def test_onecycle_matches_torchs_step_by_step(opt_cls, three_phase, anneal, pct):
+    from cifarlab.optim import OneCycle
+
+    def trace(cls):
+        params = [torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))]
+        kw = {"momentum": 0.9} if opt_cls is torch.optim.SGD else {}
+        opt = opt_cls([{"params": [params[0]], "lr": 1.0}, {"params": [params[1]], "lr": 3.0}], **kw)
+        sched = cls(opt, max_lr=[1.0, 3.0], total_steps=37, pct_start=pct, anneal_strategy=anneal,
+                    three_phase=three_phase, div_factor=10, final_div_factor=100)
+        out = []
+        for _ in range(37):
+            g = opt.param_groups[1]
+            out += [g["lr"], g.get("momentum", g.get("betas", (0.0,))[0])]
+            opt.step()
+            sched.step()
+        return out[:72]  # (torch's own schedule extrapolates past its last step)
+
+    assert trace(OneCycle) == pytest.approx(trace(torch.optim.lr_scheduler.OneCycleLR))
+
+
+def test_onecycle_length_changes_mid_run_keep_each_phases_share():
+    from cifarlab.optim import OneCycle
+
+    def lrs(total, resize_at=None, new_total=None):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        sched = OneCycle(opt, max_lr=[1.0], total_steps=total, pct_start=0.25, anneal_strategy="linear",
+                         cycle_momentum=False)
+        out = []
+        for step in range(new_total or total):
+            if step == resize_at:
+                sched.total_steps = new_total
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return out
+
+    grown, plain = lrs(100, resize_at=10, new_total=200), lrs(200)
+    assert max(grown) == pytest.approx(1.0) and grown.index(max(grown)) == plain.index(max(plain))  # peak at 25%
+    assert grown[-1] == pytest.approx(plain[-1]) and grown[150] == pytest.approx(plain[150])
+
+
+def test_schedule_length_must_be_positive():
+    with pytest.raises(ConfigError, match="schedule.total_steps"):
+        ImageClassifier(schedule={"total_steps": 0})

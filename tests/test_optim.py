@@ -76,7 +76,8 @@ def test_whitening_bias_learns_with_the_bn_biases_and_its_lr_decays_to_zero(imag
 
     dm = CIFARDataModule(root=str(image_folder), batch_size=24, eval_batch_size=16, val_size=0)  # 72 images: 3 steps
     model = ImageClassifier(
-        arch="airbench", optimizer={"name": "muon", "lr": 0.5, "bn_lr_scale": 64.0}, class_names=dm.class_names,
+        arch="airbench", widths=[8, 16, 16], optimizer={"name": "muon", "lr": 0.5, "bn_lr_scale": 64.0},
+        class_names=dm.class_names,
         whitening={"bias_lr_scale": 64.0, "bias_decay": True, "bias_epochs": 2},
         schedule={"cycle_momentum": False, "pct_start": 0.0, "div_factor": 1.0, "final_div_factor": 10.0})
 
@@ -117,7 +118,8 @@ def test_whitening_bias_freezes_mid_epoch_once_its_lr_is_zero(image_folder):
 
     dm = CIFARDataModule(root=str(image_folder), batch_size=12, eval_batch_size=16, val_size=0)  # 72 images: 6 steps
     model = ImageClassifier(
-        arch="airbench", optimizer={"name": "muon", "lr": 0.5, "bn_lr_scale": 64.0}, class_names=dm.class_names,
+        arch="airbench", widths=[8, 16, 16], optimizer={"name": "muon", "lr": 0.5, "bn_lr_scale": 64.0},
+        class_names=dm.class_names,
         whitening={"bias_lr_scale": 64.0, "bias_decay": True, "bias_epochs": 0.5},  # 3 steps of LR > 0
         schedule={"cycle_momentum": False, "pct_start": 0.0, "div_factor": 1.0, "final_div_factor": 10.0})
 

@@ -7,7 +7,6 @@ its message names the upstream issue behind the workaround and the cifarlab file
 from __future__ import annotations
 
 import csv
-import importlib
 import inspect
 import signal
 
@@ -24,10 +23,6 @@ from cifarlab.loggers import KeepingCSVLogger
 
 SIGNALS = ("src/cifarlab/signals.py", "https://github.com/Lightning-AI/pytorch-lightning/issues/20806")
 CSV = ("src/cifarlab/loggers.py", "https://github.com/Lightning-AI/pytorch-lightning/pull/19446")
-SAMPLER = ("src/cifarlab/data.py (and the even split StopOnSignal._sync_eval assumes in signals.py)",
-           "https://github.com/pytorch/pytorch/issues/25162")
-BATCHNORM = ("src/cifarlab/module.py (param_groups)",
-             "no upstream issue: a tuple of the public BatchNorm1d/2d/3d and SyncBatchNorm classes does the same job")
 
 
 def fence(what: str, where: tuple[str, str]) -> str:
@@ -135,21 +130,12 @@ def test_keeping_csv_logger_appends_through_csvloggers_experiment_slot(tmp_path)
     assert rows == [["a", "step"], ["1.0", "0"], ["2.0", "1"]], fence("CSVLogger.experiment / save / finalize", CSV)
 
 
-def test_unrepeated_sampler_splits_evaluation_sets_exactly():
-    try:
-        module = importlib.import_module("lightning.pytorch.overrides.distributed")
-        sampler_cls = module.UnrepeatedDistributedSampler
-    except (ImportError, AttributeError) as err:
-        pytest.fail(f"{fence('lightning.pytorch.overrides.distributed.UnrepeatedDistributedSampler', SAMPLER)}\n{err}")
-    # A DistributedSampler subclass: Lightning keeps it instead of putting its own (padding) sampler in.
-    assert issubclass(sampler_cls, DistributedSampler), fence("UnrepeatedDistributedSampler's base class", SAMPLER)
+def test_exact_split_sampler_splits_evaluation_sets_exactly():
+    """The public replacement of Lightning's private UnrepeatedDistributedSampler: no image twice, none left out."""
+    from cifarlab.data import ExactSplitSampler
+
     data = list(range(10))
-    split = [list(sampler_cls(data, num_replicas=3, rank=r, shuffle=False)) for r in range(3)]
-    assert split == [data[r::3] for r in range(3)], fence("UnrepeatedDistributedSampler's split", SAMPLER)
-
-
-def test_batchnorm_base_class_covers_every_batchnorm():
-    base = getattr(torch.nn.modules.batchnorm, "_BatchNorm", None)
-    assert base is not None, fence("torch.nn.modules.batchnorm._BatchNorm", BATCHNORM)
-    for cls in (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d, torch.nn.SyncBatchNorm):
-        assert issubclass(cls, base), fence(f"{cls.__name__}'s base class", BATCHNORM)
+    splits = [list(ExactSplitSampler(data, num_replicas=3, rank=r)) for r in range(3)]
+    assert splits == [data[r::3] for r in range(3)]
+    assert [len(ExactSplitSampler(data, num_replicas=3, rank=r)) for r in range(3)] == [4, 3, 3]
+    assert isinstance(ExactSplitSampler(data, 3, 0), DistributedSampler)

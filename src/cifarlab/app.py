@@ -22,6 +22,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import base64
+import copy
 import hashlib
 import io
 import tempfile
@@ -207,6 +208,10 @@ class CifarApp:
         self._panels = Path(get_upload_folder()) / "cifarlab"
         self._panels.mkdir(parents=True, exist_ok=True)
         self._map_extent: dict[str, tuple[float, float, float, float]] = {}  # per colouring: (x0, x1, y0, y1)
+        # The background work runs on copies: a forward pass on the page's model while a request's CAM hooks (or the
+        # features' hook) are attached would land in the other's captures.
+        self._work_model = copy.deepcopy(self.model)
+        self._work_other = copy.deepcopy(self.other) if self.other is not None else None
         self.prep = Preparation(self._steps())
 
     def _steps(self) -> list[Step]:
@@ -216,7 +221,7 @@ class CifarApp:
         if self.other is not None:
             steps.append(Step("compare", "the second checkpoint's test-set predictions", self._predict_other))
         names = ("issues", "features", "map", "duplicates")
-        placeholder = audit.DataAudit(self.model, self.ckpt_path, None, None, self.projection)
+        placeholder = audit.DataAudit(None, self.ckpt_path, None, None, self.projection)
         for key, (what, _) in zip(names, placeholder.steps()):
             steps.append(Step(key, what, self._audit_step(key)))
         return steps
@@ -229,11 +234,11 @@ class CifarApp:
                                 "test images")
 
     def _predict(self, report) -> None:
-        self.test = predict_test_set(self.model, self.ckpt_path, self.dm, report=report)
-        self.audit = audit.DataAudit(self.model, self.ckpt_path, self.test, self.dm, self.projection)
+        self.test = predict_test_set(self._work_model, self.ckpt_path, self.dm, report=report)
+        self.audit = audit.DataAudit(self._work_model, self.ckpt_path, self.test, self.dm, self.projection)
 
     def _predict_other(self, report) -> None:
-        self.other_test = predict_test_set(self.other, self.other_path, self.dm, report=report)
+        self.other_test = predict_test_set(self._work_other, self.other_path, self.dm, report=report)
         self.comparison = audit.compare_runs(self.test.probs, self.other_test.probs, self.test.labels, self.classes,
                                              list(self.other.class_names))
 
@@ -662,16 +667,18 @@ def _example_path(evt: gr.SelectData) -> str:
     return evt.value["image"]["path"]
 
 
-def launch(app: CifarApp, host: str = "127.0.0.1", port: int | None = 7860, block: bool = True):
+def launch(app: CifarApp, host: str = "127.0.0.1", port: int | None = 7860, block: bool = True,
+           prepare: bool = True):
     """Serve the page on ``host:port`` (loopback by default, never a public share link), then prepare the data tabs
-    in the background."""
+    in the background (unless ``prepare`` is False: Classify alone, as the latency benchmark measures it)."""
     demo = build_app(app)
     demo.queue(default_concurrency_limit=1)  # one model, two cores: requests run one at a time, in order
     allowed = [str(p.parent) for p in app.training_files().values() if p]
     demo.launch(server_name=host, server_port=port, share=False, max_file_size=MAX_IMAGE_BYTES, show_error=True,
                 ssr_mode=False, theme=THEME, allowed_paths=allowed, prevent_thread_lock=True,
                 footer_links=["api"], quiet=not block)
-    app.start()
+    if prepare:
+        app.start()
     if block:
         demo.block_thread()
     return demo

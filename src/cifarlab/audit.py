@@ -21,30 +21,19 @@ import torch
 from cifarlab.errors import CifarlabError
 from cifarlab.files import atomic_path, file_key, save_npz
 from cifarlab.metrics import class_accuracy, confusion_matrix
-from cifarlab.progress import progress
+from cifarlab.progress import Report, steps
 from cifarlab.transforms import to_batch
-
-Report = Callable[[int, int], None]  # (done, total): progress of a long step, for a page or a terminal
 
 FEATURE_BATCH = 1000  # images per forward pass when computing features (no gradients: memory is not the limit)
 PCA_DIMS = 50  # t-SNE runs on the first 50 principal components: the usual denoising step, and 5x less work
 DUPLICATE_CANDIDATES = 5  # training images per test image, nearest by features, whose pixels are then compared
 # Pixel correlation (see ``pixel_signature``) above which a test image and its best candidate count as near-duplicates.
-# Chosen by eye on the JPEG copy's pairs (docs/benchmarks.md, "Data audit"); the app's slider and
+# Chosen by eye on the JPEG copy's pairs (docs/data-audit.md); the app's slider and
 # `cifarlab report --dup_threshold` change it.
 DUPLICATE_SIMILARITY = 0.90
 
 
 # ---------------------------------------------------------------------------------------------- features
-def steps(total: int, desc: str | None, report: Report | None = None, batch: int = 1):
-    """``range(0, total, batch)`` with a terminal bar (``desc``) and ``report(done, total)`` after each step."""
-    starts = range(0, total, batch)
-    for start in progress(starts, desc, unit="batch") if desc else starts:
-        yield start
-        if report is not None:
-            report(min(start + batch, total), total)
-
-
 @torch.no_grad()
 def penultimate_features(model, images: np.ndarray, batch_size: int = FEATURE_BATCH, desc: str | None = None,
                          report: Report | None = None) -> np.ndarray:

@@ -12,6 +12,10 @@ Lookahead's ramp and progressive resizing are all laid over those steps: the run
 Early in the run the plan is corrected once by the loop's own pace (``ImageClassifier.set_total_steps``). The
 checkpoints record the plan that ran (the model's and data's hyperparameters, and this callback's state): a resumed
 run keeps it.
+
+Every ``fit``, with a budget or without, also sizes the training batch to the data first (``fit_batch_to_data``): a
+recipe's batch that the training images hold fewer than ``MIN_BATCHES`` times becomes the largest power of two they
+do hold that often, its learning rates scaled with it (``OptimizerConfig.for_batch``), both written into the config.
 """
 
 from __future__ import annotations
@@ -31,15 +35,16 @@ from pathlib import Path
 import lightning as L
 import torch
 from jsonargparse import Namespace
+from lightning.fabric import Fabric
 from lightning.pytorch.utilities import rank_zero_only
 
-from cifarlab.data import CIFARDataModule
+from cifarlab.data import MIN_BATCHES, CIFARDataModule, batch_for
 from cifarlab.errors import ConfigError
-from cifarlab.module import ImageClassifier
+from cifarlab.module import ImageClassifier, OptimizerConfig, migrate_hparams
 
 SAFETY = 0.97  # plan to end at 97% of the budget: the probe's error is a few percent either way
 STEP_OVERHEAD = 1.05  # a step inside Lightning's loop (logging, metrics, Lookahead) / the probe's bare step
-                      # (docs/benchmarks.md, "Time budget: `cifarlab fit --budget B`")
+                      # (docs/results.md, "Accuracy against the time budget")
 REPLAN_FROM = 3  # steps: the pace is measured from here (the first steps build kernels and caches) ...
 REPLAN_AT = 0.15  # ... to this share of the planned steps, then the plan is corrected once
 EPOCH_OVERHEAD_S = 0.3  # seconds per epoch: checkpoint writes, loggers, data loader start
@@ -115,6 +120,7 @@ class Plan:
     test_s: float = 0.0  # planned seconds of the final test (TTA) and reports
     val_s: float = 0.0  # planned seconds of one validation pass
     replanned: bool = False
+    batch_note: str = ""  # why the batch is not the recipe's (``fit_batch_to_data``), if it is not
 
 
 @rank_zero_only
@@ -209,7 +215,7 @@ def probe_speed(module: ImageClassifier, datamodule: CIFARDataModule, device: to
 
 # With selective TTA (``tta.confident_at`` < 1), the share of test images planned as getting the extra views: at 0.8
 # the fast recipe's checkpoints sent 36% there, airbench94_muon's (label smoothing 0.2: less confident) 58%
-# (docs/benchmarks.md, "Selective TTA"); planning for more only ends a run a few seconds early.
+# (docs/results.md, "Test-time augmentation"); planning for more only ends a run a few seconds early.
 UNSURE_SHARE = 0.6
 
 
@@ -296,17 +302,62 @@ def step_limit(plan: Plan, whole_epochs: bool) -> int:
     return math.ceil(limit / plan.steps_per_epoch) * plan.steps_per_epoch if whole_epochs else limit
 
 
-def saved_plan(ckpt_path: str | None) -> dict | None:
-    """The budget plan a checkpoint carries, if any (``None`` also for files that do not load: the CLI's
-    checkpoint check reports those in one line)."""
+def saved_state(ckpt_path: str | None) -> dict | None:
+    """A checkpoint file's contents (``None`` also for files that do not load: the CLI's checkpoint check reports
+    those in one line)."""
     if not ckpt_path or not Path(ckpt_path).expanduser().is_file():
         return None
     try:
         ckpt = torch.load(Path(ckpt_path).expanduser(), map_location="cpu", weights_only=True)
-        return next((v["plan"] for k, v in ckpt.get("callbacks", {}).items()
-                     if k.startswith("TimeBudget") and v.get("plan")), None)
     except Exception:  # noqa: BLE001  (any unreadable file: reported by the checkpoint check)
         return None
+    return ckpt if isinstance(ckpt, dict) else None
+
+
+def saved_plan(ckpt_path: str | None, state: dict | None = None) -> dict | None:
+    """The budget plan a checkpoint carries (``state``: its contents, if already read), if any."""
+    state = saved_state(ckpt_path) if state is None else state
+    return next((v["plan"] for k, v in (state or {}).get("callbacks", {}).items()
+                 if k.startswith("TimeBudget") and isinstance(v, dict) and v.get("plan")), None)
+
+
+def fit_batch_to_data(config, state: dict | None = None) -> str | None:
+    """Size ``fit``'s training batch to its data, in ``config`` (before anything is built from it): where the
+    training images (per device) hold fewer than ``MIN_BATCHES`` batches, ``data.batch_size`` becomes the largest
+    power of two they hold that often and ``model.optimizer`` is scaled for it as the recipes derive their learning
+    rates (``OptimizerConfig.for_batch``), so that config.yaml and the checkpoints record what ran. A run resumed from
+    the checkpoint ``state`` takes that checkpoint's batch and keeps its (already scaled) learning rates. Returns why
+    the batch changed, in words, or ``None`` when the configured batch fits.
+
+    Without ``--budget`` too: the fast recipe's batch of 1,536 is CIFAR-10's, and a user who points it at a few
+    hundred images expects it to train, not to be told to work out a batch and its learning rates by hand."""
+    dm = CIFARDataModule(**_section(config, "data"))
+    recipe = dm.batch_size
+    if dm.fewest_training_images() >= MIN_BATCHES * recipe * _most_devices(config["trainer"]):
+        return None  # from the file list alone: no image decoded for a data set that holds the batch
+    world = _probe_device(config["trainer"])[2]
+    dm.prepare_data()
+    dm.setup("fit")
+    images = len(dm.train_set) // world
+    batch = batch_for(images, recipe)
+    if batch == recipe:
+        return None
+    per_device = " per device" if world > 1 else ""
+    held = f"the {images:,} training images{per_device} hold fewer than {MIN_BATCHES} batches of {recipe}"
+    resumed = ((state or {}).get("datamodule_hyper_parameters") or {}).get("batch_size")
+    if resumed:  # the checkpoint's optimizer settings, already scaled for its batch (`--ckpt_path last` reads none)
+        config["data"]["batch_size"] = resumed
+        optimizer = migrate_hparams(state.get("hyper_parameters") or {}).get("optimizer")
+        if optimizer:
+            config["model"]["optimizer"] = Namespace(**optimizer)
+        return f"{held}; the checkpoint's batch and learning rates"
+    if batch < 2:
+        raise ConfigError(f"the {images} training images{per_device} are too few to train on: batches of at least "
+                          f"2 images (BatchNorm) need at least {2 * MIN_BATCHES} of them")
+    optimizer, scaled = OptimizerConfig(**_section(config["model"], "optimizer")).for_batch(batch, recipe)
+    config["data"]["batch_size"] = batch
+    config["model"]["optimizer"] = Namespace(**asdict(optimizer))
+    return f"{held}; {scaled}"
 
 
 def budget_callback(config, subcommand: str | None, start: float) -> TimeBudget | None:
@@ -317,11 +368,15 @@ def budget_callback(config, subcommand: str | None, start: float) -> TimeBudget 
     ``--budget``; ``--budget`` on a checkpoint trained without one is refused (its LR schedule has its own length).
     """
     text, ckpt = config.get("budget"), config.get("ckpt_path")
-    saved = saved_plan(ckpt) if subcommand == "fit" else None
-    if text is None and saved is None:
-        return None
     if text is not None and subcommand != "fit":
         raise ConfigError(f"--budget plans training: it is for `cifarlab fit`, not `{subcommand}`")
+    state = saved_state(ckpt) if subcommand == "fit" else None
+    saved = saved_plan(ckpt, state) if state else None
+    if text is None and saved is None:
+        note = fit_batch_to_data(config, state) if subcommand == "fit" else None
+        if note:
+            say(f"cifarlab: batch {config['data']['batch_size']} ({note})")
+        return None
     seconds = parse_budget(text) if text is not None else saved["budget_s"]
     if text is not None and time.time() - start >= seconds:
         raise ConfigError(f"--budget {text} is already spent by start-up ({time.time() - start:.0f} s): "
@@ -333,6 +388,7 @@ def budget_callback(config, subcommand: str | None, start: float) -> TimeBudget 
     if ckpt and saved is None:
         raise ConfigError(f"--ckpt_path {ckpt} was trained without --budget (its schedule has its own length): "
                           "resume it without --budget")
+    note = fit_batch_to_data(config, state)
     whole_epochs = bool(config["checkpoint"].get("monitor"))
     if saved is not None:  # resumed: the loop continues to exactly the saved plan's end
         plan = Plan(**saved)
@@ -343,7 +399,7 @@ def budget_callback(config, subcommand: str | None, start: float) -> TimeBudget 
         planned = json.loads(inherited)
         plan, speed = Plan(**planned["plan"]), Speed(**planned["speed"])
     else:
-        plan, speed = plan_run(config, seconds, start, whole_epochs)
+        plan, speed = plan_run(config, seconds, start, whole_epochs, note or "")
         os.environ[PLAN_ENV] = json.dumps({"plan": asdict(plan), "speed": asdict(speed)})
     write_plan(config, plan, step_limit(plan, whole_epochs))
     return TimeBudget(plan, start, speed, whole_epochs)
@@ -354,6 +410,18 @@ def _launched_rank() -> bool:
     return any(int(os.environ.get(name, "0") or 0) > 0 for name in ("LOCAL_RANK", "NODE_RANK", "RANK"))
 
 
+def _most_devices(trainer: dict) -> int:
+    """The most processes the configured Trainer can start, known without building it (``_probe_device`` builds)."""
+    devices = trainer.get("devices")
+    if isinstance(devices, (list, tuple)):
+        count = len(devices)
+    elif str(devices).isdigit() and int(devices) > 0:
+        count = int(devices)
+    else:  # "auto", -1: every GPU, or one CPU process
+        count = max(torch.cuda.device_count(), 1)
+    return count * (trainer.get("num_nodes") or 1)
+
+
 def _section(config, name: str) -> dict:
     """A config section (a jsonargparse ``Namespace``, a dict or ``None``) as a plain dict."""
     value = config.get(name) if hasattr(config, "get") else None
@@ -362,8 +430,9 @@ def _section(config, name: str) -> dict:
     return value.as_dict() if hasattr(value, "as_dict") else dict(value if isinstance(value, dict) else vars(value))
 
 
-def plan_run(config, budget_s: float, start: float, whole_epochs: bool) -> tuple[Plan, Speed]:
-    """Build the recipe's model and data from ``config``, time them here (``probe_speed``) and plan the budget."""
+def plan_run(config, budget_s: float, start: float, whole_epochs: bool, batch_note: str = "") -> tuple[Plan, Speed]:
+    """Build the recipe's model and data from ``config``, time them here (``probe_speed``) and plan the budget
+    (``batch_note``: why the batch is not the recipe's, for the plan line)."""
     trainer = config["trainer"]
     device, autocast, world_size = _probe_device(trainer)
     dm = CIFARDataModule(**_section(config, "data"))
@@ -384,14 +453,13 @@ def plan_run(config, budget_s: float, start: float, whole_epochs: bool) -> tuple
                      eval_batch_size=dm.eval_batch_size, tta_level=model.tta.level,
                      tta_confident_at=model.tta.confident_at, crop_fraction=fraction, whole_epochs=whole_epochs,
                      batch_size=dm.batch_size * world_size)
+    plan.batch_note = batch_note
     return plan, speed
 
 
 def _probe_device(trainer: dict) -> tuple[torch.device, object, int]:
     """The device, precision context and world size the configured Trainer will have (Lightning's own choice,
     through Fabric, which takes the same accelerator, devices and precision arguments)."""
-    from lightning.fabric import Fabric
-
     devices = trainer.get("devices") or "auto"
     strategy = trainer.get("strategy")
     previous = logging.root.manager.disable
@@ -451,13 +519,14 @@ class TimeBudget(L.Callback):
         end = datetime.fromtimestamp(plan.expected_end).strftime("%H:%M:%S")
         crops = f", the first {plan.crop_epochs} on {trainer.datamodule.augment.early_crop}-px crops" \
             if plan.crop_epochs else ""
+        batch = f" ({plan.batch_note})" if plan.batch_note else ""
         if speed is None:  # resumed: the plan came from the checkpoint
             say(f"cifarlab: budget {format_seconds(plan.budget_s)}: resuming the saved plan, "
                 f"{plan.steps} steps in {plan.epochs} epochs{crops}")
             return
         say(
             f"cifarlab: budget {format_seconds(plan.budget_s)}: this machine trains {plan.train_img_per_s:,.0f} "
-            f"img/s (probe, {speed.probe_s:.1f} s) -> {plan.steps} steps of {trainer.datamodule.batch_size} = "
+            f"img/s (probe, {speed.probe_s:.1f} s) -> {plan.steps} steps of {trainer.datamodule.batch_size}{batch} = "
             f"{plan.steps / plan.steps_per_epoch:.2f} epochs in {plan.epochs}{crops}, then the test; "
             f"expected end {end} ({format_seconds(plan.expected_end - self.start)} after start)")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from PIL import Image
 from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, LayerCAM, XGradCAM
 from pytorch_grad_cam.metrics.road import ROADMostRelevantFirst
 from pytorch_grad_cam.utils.image import show_cam_on_image
@@ -88,8 +89,6 @@ def heatmap(cam: np.ndarray, size: int) -> np.ndarray:
 
 def upscale(image: np.ndarray, size: int, smooth: bool = False) -> np.ndarray:
     """``(h, w, 3)`` uint8 -> ``(size, size, 3)``; nearest neighbour keeps the 32x32 pixels visible."""
-    from PIL import Image
-
     resample = Image.Resampling.BICUBIC if smooth else Image.Resampling.NEAREST
     return np.asarray(Image.fromarray(image).resize((size, size), resample))
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +23,7 @@ import torch
 from cifarlab.checkpoint import load_classifier
 from cifarlab.data import CIFARDataModule, Split
 from cifarlab.errors import CifarlabError
-from cifarlab.files import save_npz, write_json
+from cifarlab.files import write_json
 from cifarlab.inference import classify
 from cifarlab.progress import progress
 from cifarlab.runs import Run
@@ -50,37 +49,6 @@ def finished_run(folder: Path, fit_args: list[str] | None = None) -> Path | None
                 continue  # another recipe or other flags: not this audit's fold
         return run.last_checkpoint
     return None
-
-
-def find_train_oof(cache_dir: Path, labels: np.ndarray, classes: list[str]) -> tuple[Path, dict] | None:
-    """The newest ``train-oof-*.npz`` in ``cache_dir`` made for exactly these training ``labels`` and ``classes``, as
-    ``(path, arrays)`` (keys as ``write_train_oof`` writes them); ``None`` when there is none."""
-    files = sorted(Path(cache_dir).glob("train-oof-*.npz"), key=lambda p: p.stat().st_mtime_ns, reverse=True)
-    for path in files:
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                data = {k: z[k] for k in z.files}
-            same = (list(data["classes"]) == list(classes) and np.array_equal(data["labels"], labels)
-                    and data["probs"].shape == (len(labels), len(classes)))
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
-            continue  # damaged or foreign: the app must start anyway
-        if same:
-            return path, data
-    return None
-
-
-def write_train_oof(cache_dir: Path, recipe: str, probs: np.ndarray, labels: np.ndarray, fold: np.ndarray,
-                    classes: list[str], ckpt_paths: list[Path]) -> Path:
-    """Write ``<cache_dir>/train-oof-<recipe>-k<K>-<N>.npz`` atomically: ``probs`` (N, C) float16 out-of-sample
-    probabilities, ``labels`` (N,) int64, ``fold`` (N,) int64 (the fold each image was held out in), ``classes``
-    (C,) str, ``recipe`` str, ``folds`` int, ``ckpt_paths`` (K,) str (fold k's model). Rows are the training split
-    in the order of ``CIFARDataModule.load_splits()["train"]``."""
-    folds = len(ckpt_paths)
-    out = Path(cache_dir) / f"train-oof-{recipe}-k{folds}-{len(labels)}.npz"
-    # Atomic, under a hidden temporary name that find_train_oof's pattern does not match: never half a file.
-    return save_npz(out, probs=probs.astype(np.float16), labels=labels.astype(np.int64), fold=fold.astype(np.int64),
-                    classes=np.array(classes, dtype=str), recipe=np.array(recipe), folds=np.array(folds),
-                    ckpt_paths=np.array([str(p) for p in ckpt_paths], dtype=str))
 
 
 def fold_data(ckpt: Path):

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torchvision.datasets import CIFAR10
 
 from cifarlab.errors import ConfigError, DataError
 from cifarlab.files import save_npz
@@ -44,6 +45,7 @@ from cifarlab.transforms import (
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 DEFAULT_CIFAR10_ROOT = "~/.cache/cifarlab/cifar10"
+MIN_BATCHES = 3  # the fewest batches an epoch holds: drop_last then leaves out under a third of its images
 
 
 @dataclass
@@ -183,8 +185,6 @@ def _decode_folder_split(files: list, root: Path, split: str, classes: list[str]
 # ---------------------------------------------------------------------------------------------- cifar10
 def download_cifar10(root: Path) -> None:
     """Fetch torchvision's CIFAR-10 into ``root`` (no-op when already there)."""
-    from torchvision.datasets import CIFAR10
-
     try:
         for train in (True, False):
             CIFAR10(str(root), train=train, download=True)
@@ -195,8 +195,6 @@ def download_cifar10(root: Path) -> None:
 
 def load_cifar10_split(root: Path, split: str) -> Split:
     """Read torchvision's CIFAR-10 split from ``root`` (already uint8 in memory: no decode cache needed)."""
-    from torchvision.datasets import CIFAR10
-
     try:
         ds = CIFAR10(str(root), train=(split == "train"), download=False)
     except RuntimeError as err:
@@ -293,6 +291,26 @@ def _batch_is_collated(batch):
 
 
 # ---------------------------------------------------------------------------------------------- datamodule
+def batch_for(images: int, batch_size: int) -> int:
+    """The training batch for ``images`` training images (per rank): ``batch_size`` where the images hold
+    ``MIN_BATCHES`` of it, else the largest power of two that they hold ``MIN_BATCHES`` times (0: too few images)."""
+    if images >= MIN_BATCHES * batch_size:
+        return batch_size
+    most = images // MIN_BATCHES
+    return 1 << (most.bit_length() - 1) if most else 0
+
+
+class ExactSplitSampler(DistributedSampler):
+    """Rank r evaluates images r, r + world, r + 2 world, ...: no padding, so every image counts exactly once."""
+
+    def __init__(self, dataset, num_replicas: int, rank: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
+        self.num_samples, self.total_size = len(range(rank, len(dataset), num_replicas)), len(dataset)
+
+    def __iter__(self):
+        return iter(range(self.rank, len(self.dataset), self.num_replicas))
+
+
 class CIFARDataModule(L.LightningDataModule):
     """CIFAR-10 (torchvision) or an ImageFolder tree, as uint8 batches ``(B, 3, 32, 32)`` and int64 labels.
 
@@ -399,6 +417,14 @@ class CIFARDataModule(L.LightningDataModule):
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    def fewest_training_images(self) -> int:
+        """How many training images there are at the least, from the file list alone (CIFAR-10: 50,000) and before
+        any image is decoded: all but the validation split and the largest fold held out (unreadable files aside)."""
+        cifar10 = self.source == "cifar10"
+        count = 50_000 if cifar10 else len(list_folder_split(self.data_root, "train", self.class_names))
+        heldout = count // self.folds + self.num_classes if self.folds > 1 else 0  # a class's fold: its share + 1
+        return count - self.val_size - heldout
+
     # -- Lightning hooks
     def prepare_data(self) -> None:
         """Download CIFAR-10 or build the decode cache, and the statistics, once per machine (under DDP on local
@@ -467,15 +493,17 @@ class CIFARDataModule(L.LightningDataModule):
         if not shuffle and trainer is not None and trainer.world_size > 1:
             # Lightning's DistributedSampler pads evaluation sets by repeating images until every rank has as
             # many; this one splits them exactly, so validation and test accuracy count each image once.
-            from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-
-            sampler = UnrepeatedDistributedSampler(dataset, num_replicas=trainer.world_size, rank=trainer.global_rank,
-                                                   shuffle=False)
+            sampler = ExactSplitSampler(dataset, num_replicas=trainer.world_size, rank=trainer.global_rank)
         return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, sampler=sampler,
                           num_workers=workers, persistent_workers=workers > 0,
                           collate_fn=_batch_is_collated, pin_memory=torch.cuda.is_available())
 
     def train_dataloader(self) -> DataLoader:
+        if len(self.train_set) < self.batch_size:  # (`cifarlab fit` sizes the batch to the data before this)
+            smaller = max(batch_for(len(self.train_set), self.batch_size), 1)
+            raise ConfigError(f"--data.batch_size {self.batch_size} is larger than the {len(self.train_set)} "
+                              f"training images: an epoch would hold no batch; pass --data.batch_size {smaller} "
+                              "or less (and scale the learning rates with it)")
         return self._loader(self.train_set, self.batch_size, shuffle=True, drop_last=True)
 
     def val_dataloader(self) -> DataLoader | list:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import glob
 import io
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,12 +17,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from cifarlab.audit import steps
 from cifarlab.checkpoint import weights_digest
 from cifarlab.data import IMG_EXTENSIONS, CIFARDataModule
 from cifarlab.errors import CifarlabError, DataError
 from cifarlab.files import file_key, save_predictions
 from cifarlab.metrics import confusion_matrix
+from cifarlab.progress import Report, steps
 from cifarlab.runs import Run
 from cifarlab.transforms import pil_to_uint8
 
@@ -214,7 +214,7 @@ class Predictions:
 
 
 def predict_test_set(model, ckpt_path: str | Path, datamodule, batch_size: int = 500,
-                     report: Callable[[int, int], None] | None = None) -> Predictions:
+                     report: Report | None = None) -> Predictions:
     """Predictions of ``model`` on the datamodule's test split, computed once and cached per checkpoint.
 
     Reuses ``test_predictions.npz`` from the checkpoint's run directory when ``cifarlab fit`` wrote it for this

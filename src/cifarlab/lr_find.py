@@ -6,7 +6,7 @@ because Lightning 2.6's own (``tuner/lr_finder.py``) misleads on an exponential 
     curve seems to rise at tiny LRs (https://github.com/Lightning-AI/pytorch-lightning/issues/14167);
   * ``suggestion()`` differentiates against the LR, not log(LR), so noise among the densely spaced tiny LRs wins
     (https://github.com/Lightning-AI/pytorch-lightning/issues/21141; what it picked for the seed recipe:
-    docs/benchmarks.md, "`cifarlab lr-find --config configs/seed.yaml`").
+    docs/recipes.md, the seed recipe).
 We undo the bias exactly and take the steepest descent against log(LR), as torch-lr-finder (the seed) does.
 """
 

@@ -9,7 +9,7 @@ The module also owns how its checkpoints are read back: the safe file read, sett
 from __future__ import annotations
 
 import pickle
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
@@ -50,6 +50,20 @@ class OptimizerConfig:
     """Momentum of the Muon-trained filters (airbench: 0.6)."""
     muon_ns_steps: int = 3
     """Newton-Schulz iterations per Muon update (airbench: 3)."""
+
+    def for_batch(self, batch_size: int, recipe_batch: int) -> tuple[OptimizerConfig, str]:
+        """These settings for a batch of ``batch_size`` instead of the ``recipe_batch`` they were given for, and
+        what changed, in words. SGD (``sgd``, and ``muon``'s non-filter groups): ``lr`` in proportion to the batch,
+        as the recipes derive it (a per-example LR of a summed loss x batch for the mean loss), so the per-example
+        step stays the same; ``weight_decay``, ``bn_lr_scale`` are relative to ``lr`` (decay per step = lr x
+        weight_decay, which then scales with the batch too, as in the recipes) and stay. Muon's ``muon_lr`` stays
+        (its update is orthogonalised: its size does not depend on the gradient's). Adam: ``lr`` x the square root of
+        the ratio (the square-root rule for adaptive optimizers, Malladi et al. 2022)."""
+        ratio = batch_size / recipe_batch
+        if self.name == "adam":
+            return replace(self, lr=self.lr * ratio**0.5), f"learning rate scaled by sqrt({batch_size}/{recipe_batch})"
+        kept = "; Muon's kept" if self.name == "muon" else ""
+        return replace(self, lr=self.lr * ratio), f"learning rates scaled by {batch_size}/{recipe_batch}{kept}"
 
 
 @dataclass(frozen=True)

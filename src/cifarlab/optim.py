@@ -27,7 +27,7 @@ def orthogonalize(g: torch.Tensor, steps: int = 3, eps: float = 1e-7) -> torch.T
     """Approximately ``U V^T`` of a matrix ``g = U S V^T`` ``(m, n)``, by ``steps`` Newton-Schulz iterations.
 
     bf16 on GPUs (as airbench); float32 elsewhere: CPUs without native bf16 emulate bf16 matmuls, many times slower
-    than float32 (docs/benchmarks.md, "Precision: bf16 only where the CPU has it").
+    than float32 (docs/results.md, "Precision").
     """
     a, b, c = NS_COEFFICIENTS
     x = g.to(torch.bfloat16 if g.is_cuda else torch.float32)

@@ -12,7 +12,7 @@ Recipes leave ``trainer.precision`` out, so the same YAML runs at its best on ev
 * Anything else (MPS, ...): ``32-true``.
 
 ``--trainer.precision`` always wins over this choice. Measurements: ``benchmarks/precision.py``,
-docs/benchmarks.md ("Precision: flags first, then a cached probe"; "Precision: bf16 only where the CPU has it").
+docs/results.md ("Precision").
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def probe_bf16_speedup(batch: int = 64, repeats: int = 5) -> float:
     (the fast recipe's third conv group), forward + backward, channels-last. The two precisions alternate
     and each keeps its fastest of ``repeats`` calls after a warm-up, so another busy process slows both
     rather than skewing the ratio. It stops early once bf16 is clearly slower (its cost and repeatability:
-    docs/benchmarks.md, "Precision: flags first, then a cached probe").
+    docs/results.md, "Precision").
     """
     with torch.random.fork_rng(devices=[]):  # the run's seed (set before this) must not move
         torch.manual_seed(0)

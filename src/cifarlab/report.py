@@ -16,12 +16,8 @@ import numpy as np
 from cifarlab import views
 from cifarlab.audit import DUPLICATE_SIMILARITY, DataAudit, check_same_classes, compare_runs
 from cifarlab.checkpoint import load_classifier
-
-# TEMPORARY re-exports while the training layer moves to cifarlab.plots / files / metrics
-from cifarlab.files import save_predictions, write_json  # noqa: F401,E402
 from cifarlab.inference import eval_datamodule, predict_test_set
-from cifarlab.metrics import class_accuracy, metrics_from_confusion  # noqa: F401,E402
-from cifarlab.plots import plot_confusion, plot_curves, plot_embedding, plt, read_metrics_csv, save_image_grid  # noqa: F401,E402
+from cifarlab.plots import plot_confusion, plot_curves, plot_embedding, save_image_grid
 from cifarlab.runs import Run
 
 STYLE = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto}img{max-width:100%}"

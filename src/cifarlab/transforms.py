@@ -8,8 +8,8 @@ Two interchangeable augmentation back ends draw from the same distribution:
 
 * ``albumentations``: the reference recipe, per sample, in the DataLoader.
 * ``tensor``: the same ops on a whole uint8 batch at once on the training device. Hand-written because
-  per-sample Python augmentation takes CPU time from the model (docs/benchmarks.md, "Throughput: the seed's
-  path against cifarlab's, custom ResNet").
+  per-sample Python augmentation takes CPU time from the model (docs/results.md, "Throughput against the
+  machine's ceiling").
 """
 
 from __future__ import annotations
@@ -114,9 +114,9 @@ def albumentations_pipeline(cfg: AugmentConfig, mean, seed: int | None = None):
     ``strict=True`` makes a misspelled or renamed argument an error: albumentations 2.x otherwise
     ignores old argument names (``max_holes``, ``fill_value``, ...) with only a warning.
     """
-    import albumentations as A
-    import cv2
-    from albumentations.pytorch import ToTensorV2
+    import albumentations as A  # heavy, and only training needs it: the app and predict never import it
+    import cv2  # albumentations' image backend, for the border mode
+    from albumentations.pytorch import ToTensorV2  # with albumentations
 
     size = IMAGE_SIZE
     ops = [

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import torch
 
+from cifarlab.audit import write_train_oof
 from cifarlab.budget import format_seconds, parse_budget
 from cifarlab.commands.fit import CifarLabCLI
 from cifarlab.commands.recipe import RecipeCLI, option_value, without_options
-from cifarlab.crossval import finished_run, mark_fold, out_of_sample, same_labels, write_train_oof
+from cifarlab.crossval import finished_run, mark_fold, out_of_sample, same_labels
 from cifarlab.errors import CifarlabError
 from cifarlab.runs import Run
 

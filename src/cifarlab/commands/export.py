@@ -29,4 +29,8 @@ def export(ckpt: str, format: Literal["onnx"] = "onnx", out: str | None = None, 
 
 
 def main(argv: list[str]) -> None:
-    export(**parse(command_parser(export, "cifarlab export"), argv))
+    parser = command_parser(export, "cifarlab export", skip={"tta"})
+    # A switch: a bare --tta means true (--tta false too).
+    parser.add_argument("--tta", type=bool, nargs="?", const=True, default=False,
+                        help="Include the recipe's test-time augmentation (it multiplies the cost per image).")
+    export(**parse(parser, argv))

@@ -8,7 +8,6 @@ after fit. stats, lr-find and audit build their recipe's model and data with it 
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ from lightning.pytorch.cli import LightningCLI
 from cifarlab.budget import budget_callback
 from cifarlab.callbacks import EpochSpeed, InterruptCheckpoint, RNGState, last_checkpoint
 from cifarlab.checkpoint import Checkpoint
-from cifarlab.commands.parsing import OneLineErrorParser, summarize_parse_error
+from cifarlab.commands.parsing import HelpFormatter, OneLineErrorParser, summarize_parse_error
 from cifarlab.data import CIFARDataModule
 from cifarlab.errors import CifarlabError
 from cifarlab.fit_report import TestReport
@@ -51,7 +50,7 @@ class CifarLabCLI(LightningCLI):
         })
         kwargs.setdefault("parser_class", OneLineErrorParser)
         kwargs.setdefault("parser_kwargs", {"prog": prog, "description": description or __doc__,
-                                            "formatter_class": argparse.RawDescriptionHelpFormatter})
+                                            "formatter_class": HelpFormatter})
         super().__init__(ImageClassifier, CIFARDataModule, **kwargs)
 
     @staticmethod

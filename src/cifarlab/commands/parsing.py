@@ -7,6 +7,7 @@ a ``--help`` that lists each typed option with its docstring.
 
 from __future__ import annotations
 
+import argparse
 import inspect
 import re
 import sys
@@ -16,11 +17,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from jsonargparse import ActionConfigFile, ArgumentParser
+from jsonargparse import ActionConfigFile, ArgumentParser, DefaultHelpFormatter
 from lightning.pytorch.cli import LightningArgumentParser
 
 from cifarlab.errors import CifarlabError
 from cifarlab.module import LEGACY_NAMES
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, DefaultHelpFormatter):
+    """jsonargparse's help (each option's type and default after its docstring), the description's lines as written
+    (the command table at the top of ``cifarlab --help``)."""
 
 
 class OneLineErrors:
@@ -149,7 +155,7 @@ def command_parser(command: Callable, prog: str, skip: set[str] | None = None) -
     """A parser of ``command``'s typed parameters (``--name``; a dataclass parameter gives ``--name.field``), with
     ``--config``/``--print_config``; its docstring's first paragraph and ``Args:`` are the ``--help``."""
     description = inspect.getdoc(command).split("\n\n")[0]
-    parser = CommandParser(prog=prog, description=description)
+    parser = CommandParser(prog=prog, description=description, formatter_class=HelpFormatter)
     parser.add_argument("--config", action=CommandConfigFile, metavar="FILE",
                         help="YAML file of these options (`ckpt: PATH`, `data: {root: DIR}`; a fit recipe or a run's "
                              "config.yaml gives its data.root). Flags after it win.")
