@@ -57,6 +57,13 @@ def test_upload_classify_and_screenshot(page_url, tmp_path):
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.on("request", lambda request: requested.append(request.url))
         page.goto(url)
+        # The examples fill themselves once the test set is loaded in the background; a click classifies one.
+        page.wait_for_function("() => document.querySelectorAll('#examples img').length >= 2", timeout=120_000)
+        page.locator("#examples img").first.click()
+        page.wait_for_function(
+            "() => { const el = document.querySelector('#label'); return el && /\\d+%/.test(el.innerText); }",
+            timeout=60_000)
+        example_label = page.inner_text("#label")
         page.wait_for_selector("#upload input[type=file]", state="attached")
         page.set_input_files("#upload input[type=file]", str(image))
         page.click("#classify")
@@ -69,13 +76,15 @@ def test_upload_classify_and_screenshot(page_url, tmp_path):
         browser.close()
     classes = [p.name for p in (root / "test").iterdir() if p.is_dir()]
     assert any(name in label_text for name in classes), label_text  # the page names a class of the checkpoint
+    assert any(name in example_label for name in classes), example_label
     assert shot.stat().st_size > 20_000
     hosts = {urlparse(u).hostname for u in requested if urlparse(u).scheme in ("http", "https", "ws", "wss")}
     assert hosts == {"127.0.0.1"}, f"the page requested other hosts: {hosts - {'127.0.0.1'}}"
 
 
-def test_data_tabs_answer_clicks_in_a_browser(page_url, tmp_path):
-    """Likely mislabeled, Near-duplicates, Embedding map (a click on the map) and Compare, as a person uses them."""
+def test_data_tabs_fill_themselves_and_answer_clicks_in_a_browser(page_url, tmp_path):
+    """Likely mislabeled, Near-duplicates, Embedding map (a click on the map) and Compare, as a person uses them:
+    each tab fills itself once its data is ready, with no "Show" click; a click on the map shows the images there."""
     need_chromium()
     from playwright.sync_api import sync_playwright
 
@@ -97,8 +106,7 @@ def test_data_tabs_answer_clicks_in_a_browser(page_url, tmp_path):
 
         def show(tab, prefix, pattern, shot):
             page.get_by_role("tab", name=tab).click()
-            page.click(f"#{prefix}-show")
-            summary_says(page, f"{prefix}-summary", pattern)
+            summary_says(page, f"{prefix}-summary", pattern)  # filled by the page itself
             page.screenshot(path=str(shots / shot), full_page=True)
 
         show("Likely mislabeled", "label-issues", "cleanlab flags", "app_mislabeled.png")

@@ -444,9 +444,10 @@ class CifarApp:
     TAB_NEEDS = {"examples": "data", "mistakes": "test", "correct": "test", "confusion": "test",
                  "issues": "issues", "map": "map", "duplicates": "duplicates", "compare": "compare"}
 
-    def poll(self):
-        """Every data tab's waiting text and ready flag, and whether the page should keep polling."""
-        tabs = [k for k in self.TAB_NEEDS if k != "compare" or self.other is not None]
+    def poll(self, tabs: list[str] | None = None):
+        """The waiting text and the ready flag of each data tab in ``tabs`` (default: all, in ``TAB_NEEDS``'s order),
+        and whether the page should keep polling."""
+        tabs = tabs or [k for k in self.TAB_NEEDS if k != "compare" or self.other is not None]
         texts = [self.prep.waiting_for(self.TAB_NEEDS[k]) for k in tabs]
         flags = [self.prep.ready(self.TAB_NEEDS[k]) for k in tabs]
         return (*texts, *flags, gr.Timer(active=not self.prep.finished()))
@@ -470,11 +471,11 @@ def build_app(app: CifarApp) -> gr.Blocks:
     methods = list(cams.CAM_METHODS)
     class_choices = [ANY, *app.classes]
     waiting: dict[str, gr.Markdown] = {}  # per data tab: what it waits for
-    ready: dict[str, gr.Checkbox] = {}  # per data tab: a hidden flag whose change fills the tab
+    ready: dict[str, gr.State] = {}  # per data tab: a flag whose change (False -> True) fills the tab
 
     def status(key: str, elem_id: str | None = None):
         waiting[key] = gr.Markdown(app.prep.waiting_for(app.TAB_NEEDS[key]), elem_id=elem_id)
-        ready[key] = gr.Checkbox(False, visible=False)
+        ready[key] = gr.State(False)
         return ready[key]
 
     with gr.Blocks(title="cifarlab", delete_cache=(GRADIO_CACHE_AGE, GRADIO_CACHE_AGE)) as demo:
@@ -632,14 +633,19 @@ def build_app(app: CifarApp) -> gr.Blocks:
                 gr.Code(files["config"].read_text(), language="yaml", label="config.yaml", interactive=False)
 
         # Progress: one timer per page polls the background work until it is done; a flag that turns True fills
-        # its tab. The poll is cheap, so it skips the queue that CAM requests wait in.
+        # its tab. The poll is cheap, so it does not wait behind CAM requests (no concurrency limit); it stays queued
+        # because a State's change event fires only for queued events.
         status_json = gr.JSON(visible=False)
         gr.Button(visible=False).click(app.prep.status, None, [status_json], api_name="status")
         timer = gr.Timer(POLL_S)
-        keys = list(waiting)
+        keys = list(waiting)  # the page's order
+
+        def poll():
+            return app.poll(keys)
+
         poll_outputs = [*(waiting[k] for k in keys), *(ready[k] for k in keys), timer]
-        timer.tick(app.poll, None, poll_outputs, api_visibility="private", queue=False, show_progress="hidden")
-        demo.load(app.poll, None, poll_outputs, api_visibility="private", queue=False, show_progress="hidden")
+        for event in (timer.tick, demo.load):
+            event(poll, None, poll_outputs, api_visibility="private", concurrency_limit=None, show_progress="hidden")
     return demo
 
 
@@ -652,7 +658,7 @@ def _when_ready(fn, outputs: int):
     return handler
 
 
-def _refresh_on(flag: gr.Checkbox, fn, inputs: list, outputs: list, controls: list) -> None:
+def _refresh_on(flag: gr.State, fn, inputs: list, outputs: list, controls: list) -> None:
     """Fill a gallery when its data gets ready, and again whenever one of its ``controls`` changes (a slider when it
     is let go), so that no "Show" click is needed."""
     handler = _when_ready(fn, len(outputs))
