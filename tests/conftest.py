@@ -7,9 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+THREADS = torch.get_num_threads()
 
 SHARED_TARBALL = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
 # Flags for a fit that tests the plumbing (runs, checkpoints, errors, schedules), not the network: airbench's layout
@@ -31,6 +33,44 @@ def make_image_folder(root: Path, classes=("cat", "dog", "frog"), n_train: int =
                 img = np.clip(base + noise, 0, 255).astype(np.uint8)
                 Image.fromarray(img).save(folder / f"{i:04d}.png")
     return root
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """One intra-op thread for the fast tests (set before any fixture, session ones such as ``smoke_run`` included):
+    their networks and batches are tiny, and on 2 cores shared with anything else, two OpenMP threads waiting on
+    each other made a narrow network's step ~100x slower (0.9 s, not 9 ms). The slow tests (real data, timed) keep
+    the machine's threads."""
+    torch.set_num_threads(THREADS if item.get_closest_marker("slow") else 1)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _memoized_docstrings():
+    """Every in-process `cifarlab` command parses the same class docstrings for its flags' help (~1 s a parser):
+    parse each once a session, keyed by the object itself and jsonargparse's options (a private function: if it
+    moves, the tests are only slower)."""
+    try:
+        from jsonargparse import _optionals
+        original = _optionals.parse_docstring
+    except (ImportError, AttributeError):
+        yield
+        return
+    cache: dict = {}
+
+    def parse_docstring(component, params=False, logger=None):
+        options = _optionals.get_docstring_parse_options()
+        try:
+            key = (component, params, options["style"], options["attribute_docstrings"])
+            hash(key)
+        except TypeError:  # an unhashable component: parsed every time, as without the cache
+            return original(component, params=params, logger=logger)
+        if key not in cache:
+            cache[key] = original(component, params=params, logger=logger)
+        return cache[key]
+
+    _optionals.parse_docstring = parse_docstring
+    yield
+    _optionals.parse_docstring = original
 
 
 @pytest.fixture

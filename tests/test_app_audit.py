@@ -89,7 +89,9 @@ def test_clicking_the_map_picks_the_dot_under_the_pointer(served):
     path = app.embedding_map("predicted class")
     assert Image.open(path).size == (MAP_PIXELS, MAP_PIXELS)
     x0, x1, y0, y1 = app._map_extent["pred"]
-    target = 7
+    pixels = (app.audit.map2d - [x0, y0]) / [x1 - x0, y1 - y0] * MAP_PIXELS  # (N, 2), y from the bottom
+    gaps = np.linalg.norm(pixels[:, None] - pixels[None], axis=-1) + np.eye(len(pixels)) * 1e9
+    target = int(gaps.min(1).argmax())  # the dot farthest from any other: a click rounded to a pixel still picks it
     px = round((app.audit.map2d[target, 0] - x0) / (x1 - x0) * MAP_PIXELS)
     py = round((y1 - app.audit.map2d[target, 1]) / (y1 - y0) * MAP_PIXELS)
     items, _ = app.map_click(gr.SelectData(None, {"index": [px, py], "value": None}), 1, 0.5, LAYER, METHOD)
@@ -136,3 +138,17 @@ def test_report_has_the_audit_and_compare_sections(smoke_run, tmp_path):
         assert heading in page
     for png in ("embedding_map.png", "near_duplicates.png"):
         assert (tmp_path / "r" / png).stat().st_size > 5_000
+
+
+def test_outliers_endpoint_lists_the_least_typical_images_first(served):
+    app, client = served
+    order = app.audit.most_unusual("test")
+    scores = app.audit.outliers["test"]
+    items, summary = client.predict("test", "any", 5, api_name="/outliers")
+    assert len(items) == min(5, len(order)) and "least like the training set" in summary
+    for item, i in zip(items, order):
+        assert item["caption"].startswith(f"test #{i}: labelled {app.classes[app.test.labels[i]]}")
+        assert f"outlier score {scores[i]:.3f}" in item["caption"]
+    items, _ = client.predict("train", "cat", 3, api_name="/outliers")
+    cat = app.classes.index("cat")
+    assert all(app.audit.train_labels[int(item["caption"].split("#")[1].split(":")[0])] == cat for item in items)

@@ -126,3 +126,15 @@ def test_features_are_the_head_input_and_cached(smoke_run, tmp_path):
     again = audit_once()
     assert np.array_equal(first[1], again[1]) and np.array_equal(first[2][0], again[2][0])
     assert first[2][0].shape == (30,) and first[1].shape == (30, 2)
+
+
+def test_outlier_scores_rank_images_unlike_the_training_set_lowest():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(0, 1, (3, 32)) * 4
+    train = (centres[rng.integers(0, 3, 300)] + rng.normal(0, 1, (300, 32))).astype(np.float32)
+    typical = (centres[rng.integers(0, 3, 40)] + rng.normal(0, 1, (40, 32))).astype(np.float32)
+    odd = rng.normal(0, 1, (4, 32)).astype(np.float32) * 4 + 12  # far from every class
+    train_scores, test_scores = audit.outlier_scores(train, np.concatenate([typical, odd]))
+    assert train_scores.shape == (300,) and test_scores.shape == (44,)
+    assert set(np.argsort(test_scores)[:4]) == {40, 41, 42, 43}
+    assert ((test_scores >= 0) & (test_scores <= 1)).all()

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import NARROW
 
 from cifarlab.budget import Plan, Speed, format_seconds, make_plan, parse_budget, replan_steps
 from cifarlab.errors import ConfigError
@@ -96,7 +97,7 @@ def test_replan_follows_the_loops_pace():
 def _smoke_fit(folder, run_dir, *extra):
     from cifarlab.cli import main
 
-    main(["fit", "--config", SMOKE, "--data.root", str(folder), "--run.dir", str(run_dir),
+    main(["fit", "--config", SMOKE, "--data.root", str(folder), "--run.dir", str(run_dir), *NARROW,
           "--trainer.limit_train_batches", "1.0", "--trainer.max_epochs", "2", *extra])
 
 
@@ -107,9 +108,10 @@ def _plan_state(ckpt: Path) -> dict:
 
 def test_budget_plans_before_the_run_and_its_checkpoints_record_what_ran(image_folder, tmp_path, capsys,
                                                                           monkeypatch):
-    """The plan path end to end on the smoke recipe, on a machine made slow (3 s a step) so that the plan is a few
-    steps: the plan's numbers reach the model, the data and the Trainer through their arguments, the early re-plan
-    (here: one epoch less) through the model's public method, and the checkpoint records the plan that ran."""
+    """The plan path end to end on the smoke recipe (on the narrow network: the plan is under test, not the
+    network), on a machine made slow (3 s a step) so that the plan is a few steps: the plan's numbers reach the
+    model, the data and the Trainer through their arguments, the early re-plan (here: one epoch less) through the
+    model's public method, and the checkpoint records the plan that ran."""
     import yaml
 
     from cifarlab import budget
@@ -152,7 +154,7 @@ def test_budget_plans_before_the_run_and_its_checkpoints_record_what_ran(image_f
 def test_a_plain_checkpoint_refuses_a_budget(image_folder, tmp_path, capsys):
     from cifarlab.cli import main
 
-    main(["fit", "--config", SMOKE, "--data.root", str(image_folder), "--run.dir", str(tmp_path),
+    main(["fit", "--config", SMOKE, "--data.root", str(image_folder), "--run.dir", str(tmp_path), *NARROW,
           "--trainer.max_steps", "1", "--trainer.limit_val_batches", "1", "--trainer.limit_test_batches", "1"])
     with pytest.raises(SystemExit) as exit_info:
         _smoke_fit(image_folder, tmp_path, "--ckpt_path", "last", "--budget", "5m")

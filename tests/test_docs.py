@@ -73,30 +73,6 @@ def _materialize(argv: list[str], tmp: Path) -> None:
             path.write_text(text)
 
 
-@pytest.fixture(scope="module")
-def fast_parser():
-    """Each `fit` parse reads the docstrings of every class it builds flags for (for --help), ~1.5 s a command; the
-    same docstrings every time. Memoized here so that the whole check stays fast. (A private jsonargparse function:
-    without it the check is only slower.)"""
-    try:
-        from jsonargparse import _optionals
-        original = _optionals.parse_docstring
-    except (ImportError, AttributeError):
-        yield
-        return
-    cache: dict = {}
-
-    def parse_docstring(component, params=False, logger=None):
-        key = (component, params)
-        if key not in cache:
-            cache[key] = original(component, params=params, logger=logger)
-        return cache[key]
-
-    _optionals.parse_docstring = parse_docstring
-    yield
-    _optionals.parse_docstring = original
-
-
 COMMANDS = doc_commands()
 
 
@@ -107,7 +83,7 @@ def test_docs_have_commands():
 
 @pytest.mark.parametrize("argv", [argv for _, argv in COMMANDS],
                          ids=[f"{doc}: cifarlab {' '.join(argv)}"[:120] for doc, argv in COMMANDS])
-def test_command_parses(argv, tmp_path, monkeypatch, fast_parser, request):
+def test_command_parses(argv, tmp_path, monkeypatch, request):  # fast: conftest memoizes the docstrings
     from cifarlab.cli import main
 
     if argv[0] in NOT_DRY_YET:

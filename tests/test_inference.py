@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import make_image_folder
+from conftest import NARROW, make_image_folder
 from PIL import Image
 
 from cifarlab.checkpoint import load_classifier
@@ -179,7 +179,7 @@ def test_predict_takes_folders_and_globs_in_batches_with_the_recipes_tta(tmp_pat
     from cifarlab.inference import classify
 
     root = make_image_folder(tmp_path / "data", n_train=16, n_test=4)
-    main(["fit", "--config", "fast", "--data.root", str(root), "--run.dir", str(tmp_path / "runs"),
+    main(["fit", "--config", "fast", "--data.root", str(root), "--run.dir", str(tmp_path / "runs"), *NARROW,
           "--trainer.max_epochs", "1", "--trainer.precision", "32-true", "--data.batch_size", "16",
           "--data.eval_batch_size", "5", "--trainer.enable_progress_bar", "false"])
     run = tmp_path / "runs" / "fast" / "version_0"

@@ -8,8 +8,8 @@ are prepared in a background thread (``Preparation``), each data tab showing wha
 when it is ready.
 
 Named API endpoints (see docs/app.md): ``/classify``, ``/status``, ``/mistakes``, ``/correct``, ``/label_issues``,
-``/near_duplicates``, ``/embedding_near`` and, with ``--compare``, ``/compare``. A data endpoint called before its
-data is ready answers with an error saying what it waits for (``/status`` tells the progress).
+``/outliers``, ``/near_duplicates``, ``/embedding_near`` and, with ``--compare``, ``/compare``. A data endpoint
+called before its data is ready answers with an error saying what it waits for (``/status`` tells the progress).
 """
 
 # ruff: noqa: E402  (the environment is set before the imports that read it)
@@ -220,9 +220,8 @@ class CifarApp:
                  Step("test", "the test-set predictions", self._predict)]
         if self.other is not None:
             steps.append(Step("compare", "the second checkpoint's test-set predictions", self._predict_other))
-        names = ("issues", "features", "map", "duplicates")
         placeholder = audit.DataAudit(None, self.ckpt_path, None, None, self.projection)
-        for key, (what, _) in zip(names, placeholder.steps()):
+        for key, what, _ in placeholder.steps():
             steps.append(Step(key, what, self._audit_step(key)))
         return steps
 
@@ -244,8 +243,8 @@ class CifarApp:
 
     def _audit_step(self, key: str):
         def run(report):
-            index = ("issues", "features", "map", "duplicates").index(key)
-            self.audit.steps()[index][1](report)
+            step = next(fn for k, _, fn in self.audit.steps() if k == key)  # this app's audit, once it exists
+            step(report)
         return run
 
     def start(self) -> CifarApp:
@@ -385,6 +384,15 @@ class CifarApp:
         self._need("duplicates")
         return self._gallery(views.duplicates_view(self.audit, float(threshold), count, THUMB))
 
+    def outlier_gallery(self, split: str = "test", given_cls: str = ANY, count: int = 12):
+        """The images of ``split`` least like the training set (cleanlab's out-of-distribution score), most unusual
+        first: items ``(image, caption)`` and a summary."""
+        if split not in ("test", "train"):
+            raise gr.Error(f"unknown split {split!r}: choose test or train")
+        self._need("outliers")
+        view = views.outliers_view(self.audit, split, views.class_filter(self.classes, given_cls), count, THUMB)
+        return self._gallery(view)
+
     def embedding_map(self, color_by: str = "true class") -> str:
         """The test set's 2-D map as a PNG path, coloured by true or predicted class, mistakes ringed."""
         self._need("map")
@@ -442,7 +450,8 @@ class CifarApp:
     # ------------------------------------------------------------------ progress on the page
     # Which step each data tab waits for, in the page's order.
     TAB_NEEDS = {"examples": "data", "mistakes": "test", "correct": "test", "confusion": "test",
-                 "issues": "issues", "map": "map", "duplicates": "duplicates", "compare": "compare"}
+                 "issues": "issues", "outliers": "outliers", "map": "map", "duplicates": "duplicates",
+                 "compare": "compare"}
 
     def poll(self, tabs: list[str] | None = None):
         """The waiting text and the ready flag of each data tab in ``tabs`` (default: all, in ``TAB_NEEDS``'s order),
@@ -465,8 +474,9 @@ def faithfulness_text(cam_drop: float, random_drop: float, cls: str) -> str:
 
 
 def build_app(app: CifarApp) -> gr.Blocks:
-    """The page: Classify, Mistakes, Correct, Confusion matrix, Likely mislabeled, Near-duplicates, Embedding map,
-    Compare (with a second checkpoint) and Training tabs. Data tabs fill themselves as their data gets ready."""
+    """The page: Classify, Mistakes, Correct, Confusion matrix, Likely mislabeled, Unusual images, Near-duplicates,
+    Embedding map, Compare (with a second checkpoint) and Training tabs. Data tabs fill themselves as their data gets
+    ready."""
     layer_names = list(app.layers)
     methods = list(cams.CAM_METHODS)
     class_choices = [ANY, *app.classes]
@@ -563,6 +573,21 @@ def build_app(app: CifarApp) -> gr.Blocks:
             li_show.click(app.label_issue_gallery, controls, [li_gallery, li_summary], api_name="label_issues")
             _refresh_on(flag, app.label_issue_gallery, controls, [li_gallery, li_summary],
                         [li_split, li_cls, li_count])
+
+        with gr.Tab("Unusual images"):
+            flag = status("outliers")
+            gr.Markdown("Images least like the training set, by cleanlab's out-of-distribution score from the "
+                        "network's features: pictures that may belong to no class at all, whatever their label.")
+            with gr.Row():
+                out_split = gr.Dropdown(["test", "train"], value="test", label="Split")
+                out_cls = gr.Dropdown(class_choices, value=ANY, label="Given label")
+                out_count = gr.Slider(1, 64, value=12, step=1, label="Images")
+                out_show = gr.Button("Show", variant="primary", elem_id="outliers-show")
+            out_summary = gr.Markdown(elem_id="outliers-summary")
+            out_gallery = gr.Gallery(label="most unusual first", columns=6, height="auto", format="png")
+            controls = [out_split, out_cls, out_count]
+            out_show.click(app.outlier_gallery, controls, [out_gallery, out_summary], api_name="outliers")
+            _refresh_on(flag, app.outlier_gallery, controls, [out_gallery, out_summary], controls)
 
         with gr.Tab("Near-duplicates"):
             flag = status("duplicates")

@@ -31,6 +31,9 @@ DUPLICATE_CANDIDATES = 5  # training images per test image, nearest by features,
 # Chosen by eye on the JPEG copy's pairs (docs/data-audit.md); the app's slider and
 # `cifarlab report --dup_threshold` change it.
 DUPLICATE_SIMILARITY = 0.90
+# Training images whose mean cosine distance makes the outlier score: cleanlab's default k, enough to be stable for
+# a class of 5,000 images and still local.
+OUTLIER_NEIGHBOURS = 10
 
 
 # ---------------------------------------------------------------------------------------------- features
@@ -157,6 +160,22 @@ def cached_duplicates(test_images: np.ndarray, train_images: np.ndarray, test_fe
     pairs = _cached(path, "pairs", lambda: np.stack(
         [a.astype(np.float64) for a in match_duplicates(test_images, train_images, test_features, train_features)]))
     return pairs[0].astype(np.int64), pairs[1].astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------- images of no class
+def outlier_scores(train_features: np.ndarray, test_features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """cleanlab's out-of-distribution scores in [0, 1] (low = unlike the training set) of the training images (each
+    against the others) and of the test images, from the network's features: ``OutOfDistribution`` on the cosine
+    distance to the ``OUTLIER_NEIGHBOURS`` nearest training images. Features are centred on the training mean first,
+    as for the duplicate search (uncentred ReLU features all have cosines near 1)."""
+    from cleanlab.outlier import OutOfDistribution  # the app extra: imported when an audit runs
+
+    mean = train_features.mean(0, keepdims=True, dtype=np.float64).astype(np.float32)
+    k = max(1, min(OUTLIER_NEIGHBOURS, len(train_features) - 1))
+    ood = OutOfDistribution(params={"k": k})
+    train = ood.fit_score(features=train_features.astype(np.float32) - mean, verbose=False)
+    test = ood.score(features=test_features.astype(np.float32) - mean)
+    return np.asarray(train, np.float32), np.asarray(test, np.float32)
 
 
 # ---------------------------------------------------------------------------------------------- label errors
@@ -308,16 +327,19 @@ class DataAudit:
     map2d: np.ndarray | None = None  # (N, 2)
     nearest: np.ndarray | None = None  # (N,) index of each test image's likeliest training duplicate
     similarity: np.ndarray | None = None  # (N,) its score (``match_duplicates``)
+    train_features: np.ndarray | None = None  # (N_train, D)
+    outliers: dict[str, np.ndarray] = field(default_factory=dict)  # split -> (N,) cleanlab's OOD score, low = odd
 
-    def steps(self) -> list[tuple[str, Callable[[Report | None], None]]]:
-        """``(what it computes, step(report))`` in order; each fills fields the next ones and the tabs read."""
-        return [("likely label errors", self.find_label_issues),
-                ("features of the test set", self.find_test_features),
-                (f"embedding map ({self.projection})", self.find_map),
-                ("features of the training set and the duplicate search", self.find_duplicates)]
+    def steps(self) -> list[tuple[str, str, Callable[[Report | None], None]]]:
+        """``(key, what it computes, step(report))`` in order; each fills fields the next ones and the tabs read."""
+        return [("issues", "likely label errors", self.find_label_issues),
+                ("features", "features of the test set", self.find_test_features),
+                ("map", f"embedding map ({self.projection})", self.find_map),
+                ("duplicates", "features of the training set and the duplicate search", self.find_duplicates),
+                ("outliers", "outlier scores (images of no class)", self.find_outliers)]
 
     def run(self) -> DataAudit:
-        for _, step in self.steps():
+        for _, _, step in self.steps():
             step(None)
         return self
 
@@ -348,6 +370,19 @@ class DataAudit:
         train = cached_features(self.model, self.ckpt_path, self.train_images, "train", self.cache_dir, report)
         self.nearest, self.similarity = cached_duplicates(self.test.images, self.train_images, self.test_features,
                                                           train, self.ckpt_path, self.cache_dir)
+        self.train_features = train
+
+    def find_outliers(self, report: Report | None = None) -> None:
+        path = Path(self.cache_dir) / (f"outliers-{file_key(self.ckpt_path)}-{len(self.test_features)}-"
+                                       f"{len(self.train_features)}.npz")
+        scores = _cached(path, "scores", lambda: np.concatenate(
+            outlier_scores(self.train_features, self.test_features)))
+        n_train = len(self.train_features)
+        self.outliers = {"test": scores[n_train:], "train": scores[:n_train]}
+
+    def most_unusual(self, split: str = "test") -> np.ndarray:
+        """Indices of ``split``, least like the training set first (lowest outlier score)."""
+        return np.argsort(self.outliers[split], kind="stable")
 
     def duplicates(self, threshold: float = DUPLICATE_SIMILARITY) -> np.ndarray:
         """Test indices with a training near-duplicate at ``threshold`` or above, most similar first."""

@@ -67,7 +67,7 @@ def run_report(ckpt: str | Path, data_root: str | None = None, source: str = "au
     out.mkdir(parents=True, exist_ok=True)
     classes = list(model.class_names)
     cam = views.CamSettings(layer=layer, method=method, size=64)
-    step = Progress(7 + (other is not None))
+    step = Progress(8 + (other is not None))
 
     step("the test set and its predictions")
     dm = eval_datamodule(model, data_root, source)
@@ -97,7 +97,7 @@ def run_report(ckpt: str | Path, data_root: str | None = None, source: str = "au
                  *_grid(view, out, "mistakes", f"Most confidently wrong: {method} of the prediction", cols=6)]
 
     audit = DataAudit(model, ckpt, test, dm, projection)
-    for what, run_step in audit.steps():
+    for _, what, run_step in audit.steps():
         step(what)
         run_step(None)
     for split in audit.issues:
@@ -107,6 +107,10 @@ def run_report(ckpt: str | Path, data_root: str | None = None, source: str = "au
     view = views.duplicates_view(audit, dup_threshold, count, size=64)
     sections += ["<h2>Near-duplicates of training images in the test set</h2>",
                  *_grid(view, out, "near_duplicates", "test image | its near-duplicate in the training set", 4)]
+    for split in ("test", "train"):
+        view = views.outliers_view(audit, split, count=count, size=64)
+        sections += [f"<h2>Unusual {split} images (images of no class?)</h2>",
+                     *_grid(view, out, f"outliers_{split}", f"the {split} images least like the training set", 8)]
     plot_embedding(audit.map2d, test.labels, classes, test.preds != test.labels, out / "embedding_map.png",
                    title="true class")
     sections.append("<h2>Embedding map of the test set</h2><p>Penultimate features in 2-D, coloured by true "

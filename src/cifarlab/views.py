@@ -196,6 +196,34 @@ def duplicates_view(audit: DataAudit, threshold: float, count: int = 12, size: i
     return View(panels, captions, summary)
 
 
+def outliers_view(audit: DataAudit, split: str = "test", given_cls: int | None = None, count: int = 12,
+                  size: int = 128) -> View:
+    """The images of ``split`` least like the training set, most unusual first: what may belong to no class at all
+    (a label error has a typical image and a wrong label; an outlier is an unusual image, whatever its label)."""
+    test = audit.test
+    classes = test.classes
+    scores = audit.outliers[split]
+    labels = test.labels if split == "test" else audit.train_labels
+    images = test.images if split == "test" else audit.train_images
+    idx = audit.most_unusual(split)
+    if given_cls is not None:
+        idx = idx[labels[idx] == given_cls]
+    shown = idx[: int(count)]
+    panels = [cams.upscale(images[i], size) for i in shown]
+    captions = []
+    for i in shown:
+        pred = f" | pred {classes[test.preds[i]]} {test.confidence[i]:.0%}" if split == "test" else ""
+        captions.append(f"{split} #{i}: labelled {classes[labels[i]]}{pred} | outlier score {scores[i]:.3f}")
+    summary = (f"The {len(shown)} {split} images least like the training set (of {len(idx)} for this filter), by "
+               "cleanlab's out-of-distribution score from the network's features (the distance to their nearest "
+               f"training images; median over the {split} set {float(np.median(scores)):.3f}). An unusual image may "
+               "belong to no class at all, whatever its label: see Likely mislabeled for typical images with a "
+               "wrong label.")
+    if split == "test" and len(shown):
+        summary += f" The model is right on {accuracy(test.preds[shown], test.labels[shown]):.0%} of those shown."
+    return View(panels, captions, summary)
+
+
 # ---------------------------------------------------------------------------------------------- two runs
 def comparison_rows(comparison, classes: list[str]) -> list[list]:
     """``[class, A, B, B - A in points]`` per class, and a last row for all images."""
