@@ -26,7 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 TABS = {"Classify": None, "Mistakes, Correct, Confusion matrix": "test", "Likely mislabeled": "issues",
-        "Embedding map": "map", "Near-duplicates": "duplicates"}
+        "Embedding map": "map", "Near-duplicates": "duplicates", "Unusual images": "outliers"}
 
 
 def cpu_line() -> str:

@@ -1,4 +1,4 @@
-"""The benchmark scripts run (on a tiny setting: their numbers come from real runs, in docs/benchmarks.md).
+"""The benchmark scripts run (on a tiny setting: their numbers come from real runs, in docs/results.md).
 
 Each script runs in a Python process of its own (5-100 s each on 2 cores), so those tests are marked slow: CI runs
 them (`pytest -m slow`), the README's `pytest` does not. Every packaged recipe trains by default, on a few batches."""

@@ -276,6 +276,7 @@ def test_default_root_dir_is_where_the_run_goes(image_folder, tmp_path, capsys):
           str(where)])
     assert (where / "smoke" / "version_0" / "test_metrics.json").exists()
     assert list((where / "smoke" / "version_0" / "checkpoints").glob("*.ckpt"))
+    capsys.readouterr()  # the first run's output
     with pytest.raises(SystemExit) as exit_:
         main(["fit", "--config", SMOKE, "--data.root", str(image_folder), "--trainer.default_root_dir", str(where),
               "--run.dir", str(tmp_path / "elsewhere")])
