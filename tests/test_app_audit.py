@@ -152,3 +152,15 @@ def test_outliers_endpoint_lists_the_least_typical_images_first(served):
     items, _ = client.predict("train", "cat", 3, api_name="/outliers")
     cat = app.classes.index("cat")
     assert all(app.audit.train_labels[int(item["caption"].split("#")[1].split(":")[0])] == cat for item in items)
+
+
+def test_test_duplicates_endpoint_shows_each_pair_once_most_similar_first(served):
+    app, client = served
+    pairs, scores = app.audit.test_pairs(0.0)  # loose: most images and their likeliest copy among the others
+    assert len(pairs) and (pairs[:, 0] < pairs[:, 1]).all() and len({tuple(p) for p in pairs}) == len(pairs)
+    assert (scores[:-1] >= scores[1:]).all()
+    items, summary = client.predict(0.0, 4, api_name="/test_duplicates")
+    assert summary.startswith(f"{len(pairs)} pairs of test images")
+    for item, (i, j), score in zip(items, pairs, scores):
+        assert item["caption"].startswith(f"test #{i} ") and f"| test #{j} " in item["caption"]
+        assert f"similarity {score:.3f}" in item["caption"]

@@ -138,3 +138,15 @@ def test_outlier_scores_rank_images_unlike_the_training_set_lowest():
     assert train_scores.shape == (300,) and test_scores.shape == (44,)
     assert set(np.argsort(test_scores)[:4]) == {40, 41, 42, 43}
     assert ((test_scores >= 0) & (test_scores <= 1)).all()
+
+
+def test_duplicates_within_the_test_set_pair_copies_and_never_an_image_with_itself():
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (12, 32, 32, 3), dtype=np.uint8)
+    images[7] = np.clip(images[2].astype(int) + 6, 0, 255)  # image 2 again, brighter
+    features = rng.normal(0, 1, (12, 16)).astype(np.float32)
+    features[7] = features[2] + 0.01  # the network sees them alike too
+    nearest, similarity = audit.match_duplicates(images, None, features, None, candidates=3)
+    assert (nearest != np.arange(12)).all()
+    assert nearest[2] == 7 and nearest[7] == 2 and similarity[2] > 0.95
+    assert (np.delete(similarity, [2, 7]) < 0.5).all()

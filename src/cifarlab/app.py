@@ -8,8 +8,9 @@ are prepared in a background thread (``Preparation``), each data tab showing wha
 when it is ready.
 
 Named API endpoints (see docs/app.md): ``/classify``, ``/status``, ``/mistakes``, ``/correct``, ``/label_issues``,
-``/outliers``, ``/near_duplicates``, ``/embedding_near`` and, with ``--compare``, ``/compare``. A data endpoint
-called before its data is ready answers with an error saying what it waits for (``/status`` tells the progress).
+``/outliers``, ``/near_duplicates``, ``/test_duplicates``, ``/embedding_near`` and, with ``--compare``,
+``/compare``. A data endpoint called before its data is ready answers with an error saying what it waits for
+(``/status`` tells the progress).
 """
 
 # ruff: noqa: E402  (the environment is set before the imports that read it)
@@ -384,6 +385,12 @@ class CifarApp:
         self._need("duplicates")
         return self._gallery(views.duplicates_view(self.audit, float(threshold), count, THUMB))
 
+    def test_duplicate_gallery(self, threshold: float = audit.DUPLICATE_SIMILARITY, count: int = 12):
+        """Pairs of test images that are near-duplicates of each other (most similar first): items
+        ``(test image | test image, caption)`` and a summary."""
+        self._need("duplicates")
+        return self._gallery(views.test_pairs_view(self.audit, float(threshold), count, THUMB))
+
     def outlier_gallery(self, split: str = "test", given_cls: str = ANY, count: int = 12):
         """The images of ``split`` least like the training set (cleanlab's out-of-distribution score), most unusual
         first: items ``(image, caption)`` and a summary."""
@@ -603,6 +610,14 @@ def build_app(app: CifarApp) -> gr.Blocks:
             dup_show.click(app.duplicate_gallery, [dup_threshold, dup_count], [dup_gallery, dup_summary],
                            api_name="near_duplicates")
             _refresh_on(flag, app.duplicate_gallery, [dup_threshold, dup_count], [dup_gallery, dup_summary],
+                        [dup_threshold, dup_count])
+            gr.Markdown("**Within the test set**: pairs of test images that are one photograph twice.")
+            pair_summary = gr.Markdown(elem_id="test-duplicates-summary")
+            pair_gallery = gr.Gallery(label="test image | test image", columns=4, height="auto", format="png",
+                                      object_fit="contain")
+            gr.Button(visible=False).click(app.test_duplicate_gallery, [dup_threshold, dup_count],
+                                           [pair_gallery, pair_summary], api_name="test_duplicates")
+            _refresh_on(flag, app.test_duplicate_gallery, [dup_threshold, dup_count], [pair_gallery, pair_summary],
                         [dup_threshold, dup_count])
 
         with gr.Tab("Embedding map"):

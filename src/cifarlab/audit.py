@@ -101,18 +101,24 @@ def pixel_signature(images: np.ndarray) -> torch.Tensor:
     return torch.nn.functional.normalize(x - x.mean(1, keepdim=True), dim=1)
 
 
-def match_duplicates(test_images: np.ndarray, train_images: np.ndarray, test_features: np.ndarray,
-                     train_features: np.ndarray,
+def match_duplicates(test_images: np.ndarray, train_images: np.ndarray | None, test_features: np.ndarray,
+                     train_features: np.ndarray | None,
                      candidates: int = DUPLICATE_CANDIDATES) -> tuple[np.ndarray, np.ndarray]:
-    """Each test image's most likely duplicate in the training set: ``(nearest (N,), similarity (N,))``.
+    """Each test image's most likely duplicate in the training set (``None``: among the other test images):
+    ``(nearest (N,), similarity (N,))``.
 
     The network's features find ``candidates`` training images that look alike to the model; their pixel correlation
     (``pixel_signature``) picks and scores the closest. Features alone rank same-class look-alikes (two different
     ships on water) as high as real copies: a trained network maps a class to a tight cluster.
     """
+    within = train_images is None
+    if within:  # the test set against itself: one more candidate, since each image finds itself first
+        train_images, train_features, candidates = test_images, test_features, candidates + 1
     index, _ = nearest_neighbours(test_features, train_features, candidates)
     test_sig, train_sig = pixel_signature(test_images), pixel_signature(train_images)
     scores = (test_sig[:, None, :] * train_sig[torch.from_numpy(index)]).sum(-1)  # (N, candidates)
+    if within:
+        scores[torch.from_numpy(index == np.arange(len(index))[:, None])] = -2.0  # below any correlation
     best = scores.argmax(1)
     rows = torch.arange(len(index))
     return index[rows.numpy(), best.numpy()], scores[rows, best].numpy().astype(np.float32)
@@ -152,11 +158,12 @@ def cached_map(features: np.ndarray, ckpt_path: str | Path, projection: str, cac
     return _cached(path, "map2d", compute)
 
 
-def cached_duplicates(test_images: np.ndarray, train_images: np.ndarray, test_features: np.ndarray,
-                      train_features: np.ndarray, ckpt_path: str | Path,
+def cached_duplicates(test_images: np.ndarray, train_images: np.ndarray | None, test_features: np.ndarray,
+                      train_features: np.ndarray | None, ckpt_path: str | Path,
                       cache_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     """``match_duplicates``, computed once per checkpoint and cached in ``cache_dir``."""
-    path = Path(cache_dir) / f"duplicates-{file_key(ckpt_path)}-{len(test_images)}-{len(train_images)}.npz"
+    against = "within" if train_images is None else len(train_images)
+    path = Path(cache_dir) / f"duplicates-{file_key(ckpt_path)}-{len(test_images)}-{against}.npz"
     pairs = _cached(path, "pairs", lambda: np.stack(
         [a.astype(np.float64) for a in match_duplicates(test_images, train_images, test_features, train_features)]))
     return pairs[0].astype(np.int64), pairs[1].astype(np.float32)
@@ -328,6 +335,8 @@ class DataAudit:
     nearest: np.ndarray | None = None  # (N,) index of each test image's likeliest training duplicate
     similarity: np.ndarray | None = None  # (N,) its score (``match_duplicates``)
     train_features: np.ndarray | None = None  # (N_train, D)
+    test_nearest: np.ndarray | None = None  # (N,) each test image's likeliest duplicate among the other test images
+    test_similarity: np.ndarray | None = None  # (N,) its score
     outliers: dict[str, np.ndarray] = field(default_factory=dict)  # split -> (N,) cleanlab's OOD score, low = odd
 
     def steps(self) -> list[tuple[str, str, Callable[[Report | None], None]]]:
@@ -335,7 +344,7 @@ class DataAudit:
         return [("issues", "likely label errors", self.find_label_issues),
                 ("features", "features of the test set", self.find_test_features),
                 ("map", f"embedding map ({self.projection})", self.find_map),
-                ("duplicates", "features of the training set and the duplicate search", self.find_duplicates),
+                ("duplicates", "features of the training set and the duplicate searches", self.find_duplicates),
                 ("outliers", "outlier scores (images of no class)", self.find_outliers)]
 
     def run(self) -> DataAudit:
@@ -371,6 +380,8 @@ class DataAudit:
         self.nearest, self.similarity = cached_duplicates(self.test.images, self.train_images, self.test_features,
                                                           train, self.ckpt_path, self.cache_dir)
         self.train_features = train
+        self.test_nearest, self.test_similarity = cached_duplicates(self.test.images, None, self.test_features, None,
+                                                                    self.ckpt_path, self.cache_dir)
 
     def find_outliers(self, report: Report | None = None) -> None:
         path = Path(self.cache_dir) / (f"outliers-{file_key(self.ckpt_path)}-{len(self.test_features)}-"
@@ -388,3 +399,13 @@ class DataAudit:
         """Test indices with a training near-duplicate at ``threshold`` or above, most similar first."""
         found = np.flatnonzero(self.similarity >= threshold)
         return found[np.argsort(-self.similarity[found], kind="stable")]
+
+    def test_pairs(self, threshold: float = DUPLICATE_SIMILARITY) -> tuple[np.ndarray, np.ndarray]:
+        """Pairs ``(P, 2)`` of test images that are near-duplicates of each other at ``threshold`` or above, each
+        pair once (the lower index first), most similar first, and their similarities ``(P,)``."""
+        best: dict[tuple[int, int], float] = {}
+        for i in np.flatnonzero(self.test_similarity >= threshold):
+            pair = tuple(sorted((int(i), int(self.test_nearest[i]))))
+            best[pair] = max(best.get(pair, -1.0), float(self.test_similarity[i]))
+        order = sorted(best, key=lambda pair: -best[pair])
+        return np.array(order, np.int64).reshape(-1, 2), np.array([best[pair] for pair in order], np.float32)

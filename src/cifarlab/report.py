@@ -107,6 +107,9 @@ def run_report(ckpt: str | Path, data_root: str | None = None, source: str = "au
     view = views.duplicates_view(audit, dup_threshold, count, size=64)
     sections += ["<h2>Near-duplicates of training images in the test set</h2>",
                  *_grid(view, out, "near_duplicates", "test image | its near-duplicate in the training set", 4)]
+    view = views.test_pairs_view(audit, dup_threshold, count, size=64)
+    sections += ["<h2>Near-duplicates within the test set</h2>",
+                 *_grid(view, out, "test_duplicates", "test image | its near-duplicate in the test set", 4)]
     for split in ("test", "train"):
         view = views.outliers_view(audit, split, count=count, size=64)
         sections += [f"<h2>Unusual {split} images (images of no class?)</h2>",

@@ -196,6 +196,26 @@ def duplicates_view(audit: DataAudit, threshold: float, count: int = 12, size: i
     return View(panels, captions, summary)
 
 
+def test_pairs_view(audit: DataAudit, threshold: float, count: int = 12, size: int = 128) -> View:
+    """Pairs of test images that are near-duplicates of each other, most similar first: panels ``test | test``. Such
+    a pair counts one photograph twice in the test accuracy."""
+    test = audit.test
+    classes = test.classes
+    pairs, scores = audit.test_pairs(float(threshold))
+    shown = pairs[: int(count)]
+    panels, captions = [], []
+    for (i, j), score in zip(shown, scores):
+        panels.append(side_by_side([cams.upscale(test.images[i], size), cams.upscale(test.images[j], size)]))
+        differ = "" if test.labels[i] == test.labels[j] else " | LABELS DIFFER"
+        captions.append(f"test #{i} {classes[test.labels[i]]} | test #{j} {classes[test.labels[j]]} | similarity "
+                        f"{score:.3f}{differ}")
+    in_pairs = len(np.unique(pairs)) if len(pairs) else 0
+    summary = (f"{len(pairs)} pairs of test images ({in_pairs} images) are near-duplicates of each other at "
+               f"similarity >= {float(threshold):.2f} (showing {len(shown)}); "
+               f"{int(sum(test.labels[i] != test.labels[j] for i, j in pairs))} of them with different labels.")
+    return View(panels, captions, summary)
+
+
 def outliers_view(audit: DataAudit, split: str = "test", given_cls: int | None = None, count: int = 12,
                   size: int = 128) -> View:
     """The images of ``split`` least like the training set, most unusual first: what may belong to no class at all
