@@ -282,7 +282,7 @@ class CifarApp:
         label = {self.classes[i]: float(p) for p, i in zip(top.values.tolist(), top.indices.tolist())}
         pred = int(top.indices[0])
         image = x[0].permute(1, 2, 0).numpy()
-        cam = views.cam_maps(self.model, image[None], [pred], views.CamSettings(layer, method))
+        cam = views.cam_maps(self.model, x, [pred], views.CamSettings(layer, method))
         cam_drop, random_drop = cams.faithfulness(self.model, x, cam, [pred])
         text = faithfulness_text(float(cam_drop[0]), float(random_drop[0]), self.classes[pred])
         return (label, self._png(cams.upscale(image, PANEL)), self._png(cams.heatmap(cam[0], PANEL)),

@@ -233,12 +233,14 @@ def predict_test_set(model, ckpt_path: str | Path, datamodule, batch_size: int =
         found = _read_predictions(cache_file, labels)
         if found is not None:
             return Predictions(images, labels, found[0], classes)
+    digest = None  # of the model's weights: computed once, when a file must be checked or written
     if run_file.exists():
         found = _read_predictions(run_file, labels)
         if found is not None:
             probs, z = found
             same_file = Path(str(z["ckpt_path"])).resolve() == ckpt_path if z["ckpt_path"].size else False
-            same_weights = str(z.get("weights", "")) == weights_digest(model.state_dict())
+            digest = weights_digest(model.state_dict())
+            same_weights = str(z.get("weights", "")) == digest
             if same_file or same_weights:
                 return Predictions(images, labels, probs, classes)
     probs = []
@@ -247,7 +249,9 @@ def predict_test_set(model, ckpt_path: str | Path, datamodule, batch_size: int =
         x, _ = test.batch(range(start, min(start + batch_size, len(labels))))
         probs.append(classify(model, x).numpy())
     probs = np.concatenate(probs) if probs else np.zeros((0, len(classes)), np.float32)
-    save_predictions(cache_file, probs, labels, classes, str(ckpt_path), weights_digest(model.state_dict()))
+    if digest is None:
+        digest = weights_digest(model.state_dict())
+    save_predictions(cache_file, probs, labels, classes, str(ckpt_path), digest)
     return Predictions(images, labels, probs, classes)
 
 

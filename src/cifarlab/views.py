@@ -9,6 +9,7 @@ import functools
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from torch import nn
 
 from cifarlab import cam as cams
@@ -52,10 +53,12 @@ def cam_layer(model, name: str | None) -> tuple[str, nn.Module]:
     return cams.resolve_layer(layers_of(model.net), name)
 
 
-def cam_maps(model, images: np.ndarray, classes, cam: CamSettings) -> np.ndarray:
-    """CAMs ``(B, 32, 32)`` of uint8 images ``(B, 32, 32, 3)``, one class per image."""
+def cam_maps(model, images: np.ndarray | torch.Tensor, classes, cam: CamSettings) -> np.ndarray:
+    """CAMs ``(B, 32, 32)`` of uint8 images (``(B, 32, 32, 3)`` arrays or the model's ``(B, 3, 32, 32)`` batch),
+    one class per image."""
     _, layer = cam_layer(model, cam.layer)
-    return cams.compute_cams(model, to_batch(images), layer, cam.method, [int(c) for c in classes])
+    x = images if isinstance(images, torch.Tensor) else to_batch(images)
+    return cams.compute_cams(model, x, layer, cam.method, [int(c) for c in classes])
 
 
 def cam_rows(images: np.ndarray, maps: list[np.ndarray], cam: CamSettings, gap: int = 4) -> list[np.ndarray]:
@@ -93,8 +96,9 @@ def predictions_view(model, test: Predictions, kind: str, true_cls: int | None =
         return View([], [], f"0 {kind} in {n} test images for this filter.")
     classes = test.classes
     label, _ = cam_layer(model, cam.layer)
-    maps = cam_maps(model, test.images[shown], test.preds[shown], cam)
-    cam_drop, random_drop = cams.faithfulness(model, to_batch(test.images[shown]), maps, test.preds[shown].tolist())
+    x = to_batch(test.images[shown])
+    maps = cam_maps(model, x, test.preds[shown], cam)
+    cam_drop, random_drop = cams.faithfulness(model, x, maps, test.preds[shown].tolist())
     panels = [cams.overlay(test.images[i], maps[j], cam.opacity, cam.size) for j, i in enumerate(shown)]
     captions = [f"true {classes[test.labels[i]]} | pred {classes[test.preds[i]]} {test.confidence[i]:.0%} | "
                 f"CAM drop {cam_drop[j]:+.2f} vs random {random_drop[j]:+.2f}" for j, i in enumerate(shown)]
