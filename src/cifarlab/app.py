@@ -566,35 +566,23 @@ def build_app(app: CifarApp) -> gr.Blocks:
             flag = status("issues")
             gr.Markdown("Images whose given label cleanlab finds likely wrong, from out-of-sample probabilities "
                         "(the test set always; the training set after `cifarlab audit`).")
-            with gr.Row():
-                # `train` is always offered: without `cifarlab audit` choosing it says what to run.
-                li_split = gr.Dropdown(["test", "train"], value="test", label="Split")
-                li_cls = gr.Dropdown(class_choices, value=ANY, label="Given label")
-                li_count = gr.Slider(1, 64, value=12, step=1, label="Images")
-                li_show = gr.Button("Show", variant="primary", elem_id="label-issues-show")
-            li_summary = gr.Markdown(elem_id="label-issues-summary")
+            # `train` is always offered: without `cifarlab audit` choosing it says what to run.
+            filters, li_show, li_summary = _split_filters(class_choices, "label-issues")
             # Wide panels: "contain" shows all three (the default "cover" crops them to squares).
             li_gallery = gr.Gallery(label="image | CAM of the given label | CAM of the suggested label", columns=3,
                                     height="auto", format="png", object_fit="contain")
-            controls = [li_split, li_cls, li_count, *cam_inputs]
+            controls = [*filters, *cam_inputs]
             li_show.click(app.label_issue_gallery, controls, [li_gallery, li_summary], api_name="label_issues")
-            _refresh_on(flag, app.label_issue_gallery, controls, [li_gallery, li_summary],
-                        [li_split, li_cls, li_count])
+            _refresh_on(flag, app.label_issue_gallery, controls, [li_gallery, li_summary], filters)
 
         with gr.Tab("Unusual images"):
             flag = status("outliers")
             gr.Markdown("Images least like the training set, by cleanlab's out-of-distribution score from the "
                         "network's features: pictures that may belong to no class at all, whatever their label.")
-            with gr.Row():
-                out_split = gr.Dropdown(["test", "train"], value="test", label="Split")
-                out_cls = gr.Dropdown(class_choices, value=ANY, label="Given label")
-                out_count = gr.Slider(1, 64, value=12, step=1, label="Images")
-                out_show = gr.Button("Show", variant="primary", elem_id="outliers-show")
-            out_summary = gr.Markdown(elem_id="outliers-summary")
+            filters, out_show, out_summary = _split_filters(class_choices, "outliers")
             out_gallery = gr.Gallery(label="most unusual first", columns=6, height="auto", format="png")
-            controls = [out_split, out_cls, out_count]
-            out_show.click(app.outlier_gallery, controls, [out_gallery, out_summary], api_name="outliers")
-            _refresh_on(flag, app.outlier_gallery, controls, [out_gallery, out_summary], controls)
+            out_show.click(app.outlier_gallery, filters, [out_gallery, out_summary], api_name="outliers")
+            _refresh_on(flag, app.outlier_gallery, filters, [out_gallery, out_summary], filters)
 
         with gr.Tab("Near-duplicates"):
             flag = status("duplicates")
@@ -687,6 +675,17 @@ def build_app(app: CifarApp) -> gr.Blocks:
         for event in (timer.tick, demo.load):
             event(poll, None, poll_outputs, api_visibility="private", concurrency_limit=None, show_progress="hidden")
     return demo
+
+
+def _split_filters(class_choices: list[str], elem_prefix: str):
+    """A row of split (test or train), given label and image count with a Show button, and the summary under it:
+    ``([split, label, count], button, summary)``."""
+    with gr.Row():
+        filters = [gr.Dropdown(["test", "train"], value="test", label="Split"),
+                   gr.Dropdown(class_choices, value=ANY, label="Given label"),
+                   gr.Slider(1, 64, value=12, step=1, label="Images")]
+        show = gr.Button("Show", variant="primary", elem_id=f"{elem_prefix}-show")
+    return filters, show, gr.Markdown(elem_id=f"{elem_prefix}-summary")
 
 
 def _when_ready(fn, outputs: int):
