@@ -19,7 +19,7 @@ from peer import cpu_line
 
 from cifarlab import audit
 from cifarlab.checkpoint import load_classifier
-from cifarlab.inference import eval_datamodule, predict_test_set
+from cifarlab.inference import eval_data, predict_test_set
 
 
 def main() -> None:
@@ -29,7 +29,7 @@ def main() -> None:
     opts = parser.parse_args()
     print(cpu_line().split("; all flags")[0], f"| torch {torch.__version__}, {torch.get_num_threads()} threads")
     model = load_classifier(opts.ckpt)
-    dm = eval_datamodule(model, opts.root)
+    dm = eval_data(model, opts.root)
     test = predict_test_set(model, opts.ckpt, dm)
     train = dm.load_splits()["train"]
     seconds = {}

@@ -17,7 +17,7 @@ import torch
 
 from cifarlab import cam as cams
 from cifarlab.checkpoint import load_classifier
-from cifarlab.inference import eval_datamodule, predict_test_set
+from cifarlab.inference import eval_data, predict_test_set
 
 
 def main() -> None:
@@ -30,7 +30,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="*", default=["Grad-CAM", "Grad-CAM++"])
     opts = parser.parse_args()
     model = load_classifier(opts.ckpt)
-    test = predict_test_set(model, opts.ckpt, eval_datamodule(model, opts.root))
+    test = predict_test_set(model, opts.ckpt, eval_data(model, opts.root))
     idx = np.linspace(0, len(test.labels) - 1, opts.n).round().astype(int)
     layers = cams.target_layers(model.net)
     print(f"{len(idx)} test images, checkpoint {opts.ckpt}, accuracy on them "

@@ -17,7 +17,7 @@ import time
 import torch
 
 from cifarlab.checkpoint import load_classifier
-from cifarlab.inference import eval_datamodule
+from cifarlab.inference import eval_data
 from cifarlab.precision import cpu_info, fastest_precision
 
 
@@ -44,8 +44,8 @@ def main() -> None:
           f"precision: {fastest_precision('cpu')}")
     for path in opts.ckpts:
         model = load_classifier(path).eval()
-        model.hparams.tta = {**model.hparams.tta, "level": max(2, model.tta.level), "confident_at": 1.0}
-        dm = eval_datamodule(model, opts.root)
+        model.hparams["tta"] = {**model.hparams["tta"], "level": max(2, model.tta.level), "confident_at": 1.0}
+        dm = eval_data(model, opts.root)
         images, labels = dm.test_set.batch(range(len(dm.test_set)))
         plain, plain_s = logits_and_time(model, images, opts.batch_size, tta=False)
         full, full_s = logits_and_time(model, images, opts.batch_size, tta=True)

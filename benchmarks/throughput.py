@@ -101,7 +101,7 @@ def measure(which: str, root: str, steps: int, warmup: int, batch_size: int, val
 
     L.seed_everything(0)
     if which == "fast":  # the recipe itself, as `cifarlab fit --config configs/fast.yaml` builds it
-        from cifarlab.cli import CifarLabCLI
+        from cifarlab.commands.fit import CifarLabCLI
 
         cli = CifarLabCLI(args=["--config", str(FAST), "--data.root", root, "--data.val_size", str(val_size),
                                 "--trainer.logger", "false",

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cifarlab.plots import plt, read_metrics_csv
+from cifarlab.plots import pyplot, read_metrics_csv
 
 
 def main() -> None:
@@ -61,6 +61,7 @@ def main() -> None:
           f"max {accs.max():.2%}, std {accs.std():.2%}); wall time {walls.mean():.0f} s "
           f"(min {walls.min():.0f}, max {walls.max():.0f})")
     print(f"runs reaching {opts.target:.1%}: {(accs >= opts.target).sum()} of {len(rows)}")
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for (times, accs_), (seed, *_) in zip(curves, rows):
         ax.plot(times, np.array(accs_) * 100, marker="o", label=f"seed {seed}")

@@ -13,7 +13,8 @@ from cifarlab.checkpoint import Checkpoint, load_classifier
 from cifarlab.cli import main
 from cifarlab.data import CIFARDataModule
 from cifarlab.errors import CifarlabError
-from cifarlab.module import LEGACY_NAMES, ImageClassifier, migrate_hparams
+from cifarlab.module import ImageClassifier
+from cifarlab.settings import LEGACY_NAMES, migrate_hparams
 
 SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
 

@@ -468,8 +468,8 @@ def test_parse_errors_become_one_line_naming_the_field():
 
     # What jsonargparse says for `--model.tta.level 3`: the settings group is a union with None.
     union = ('Parser key "model.tta":\n  Does not validate against any of the Union subtypes\n  Subtypes: [<class '
-             "'cifarlab.module.TTAConfig'>, <class 'NoneType'>]\n  Errors:\n    - Problem with given class_path "
-             "'cifarlab.module.TTAConfig':\n        Parser key \"level\":\n          Expected a typing.Literal[0, 1, "
+             "'cifarlab.settings.TTAConfig'>, <class 'NoneType'>]\n  Errors:\n    - Problem with given class_path "
+             "'cifarlab.settings.TTAConfig':\n        Parser key \"level\":\n          Expected a typing.Literal[0, 1, "
              "2]. Got value: 3\n    - Expected a <class 'NoneType'>\n  Given value type: <class 'NestedArg'>")
     expected = 'Parser key "model.tta.level": Expected a typing.Literal[0, 1, 2]. Got value: 3'
     assert summarize_parse_error(union) == expected
@@ -538,3 +538,20 @@ def test_the_command_line_imports_no_optional_extra():
            "if m in sys.modules))"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert proc.stdout.strip() == "[]"
+
+
+def test_a_run_stopped_by_sigterm_exits_143_with_one_line(monkeypatch, capsys):
+    """Lightning's SIGTERMException is a SystemExit: the command line turns it into 128 + SIGTERM and one line."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    import cifarlab.commands.fit as fit
+
+    def stopped_run(argv, start=None, description=None):
+        raise SIGTERMException()
+
+    monkeypatch.setattr(fit, "main", stopped_run)
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", "smoke"])
+    assert exit_.value.code == 143
+    assert capsys.readouterr().err.strip() == "cifarlab: stopped by SIGTERM"
+    assert fit.stopped(SystemExit(2)) == (None, 1)  # any other exit is left as it is

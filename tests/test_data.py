@@ -8,7 +8,9 @@ import pytest
 import torch
 from conftest import make_image_folder
 
-from cifarlab.data import CIFARDataModule, DataError, stratified_split
+from cifarlab.data import CIFARDataModule
+from cifarlab.datasets import stratified_split
+from cifarlab.errors import DataError
 
 
 def _dm(root, **kw):

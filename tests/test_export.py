@@ -27,9 +27,9 @@ def test_export_command_matches_pytorch_on_test_images(smoke_run, tmp_path, caps
     main(["export", "--ckpt", str(ckpt), "--format", "onnx", "--out", str(out)])
     assert "input 'images' (N, 3, 32, 32) uint8" in capsys.readouterr().out
     model = load_classifier(ckpt)
-    from cifarlab.inference import eval_datamodule
+    from cifarlab.inference import eval_data
 
-    dm = eval_datamodule(model, str(root))
+    dm = eval_data(model, str(root))
     x, _ = dm.test_set.batch(range(len(dm.test_set)))  # (18, 3, 32, 32) uint8, as the model was tested
     with torch.no_grad():
         expected = model(x).float().softmax(1).numpy()

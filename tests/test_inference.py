@@ -155,9 +155,9 @@ def test_predict_prints_json_lines(smoke_run, tmp_path, capsys):
 def test_test_predictions_reuse_the_runs_file(smoke_run):
     root, run, ckpt = smoke_run
     model = load_classifier(ckpt)
-    from cifarlab.inference import eval_datamodule
+    from cifarlab.inference import eval_data
 
-    dm = eval_datamodule(model)  # the training root, taken from the checkpoint
+    dm = eval_data(model)  # the training root, taken from the checkpoint
     preds = predict_test_set(model, ckpt, dm)
     saved = np.load(run / "test_predictions.npz")
     np.testing.assert_allclose(preds.probs, saved["probs"].astype(np.float32))

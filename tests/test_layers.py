@@ -4,16 +4,20 @@ heavy optional dependencies, each with its reason on the line."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import grimp
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "cifarlab"
-# Optional extras ([app], [export]), albumentations (heavy, training only) and the front ends the commands start:
+# Optional extras ([app], [export]), albumentations (heavy, training only), torchvision (only its CIFAR-10 files need
+# it) and the front ends and commands that cli starts:
 # imported where they are used.
-LAZY_ALLOWED = {"gradio", "gradio_client", "pytorch_grad_cam", "cleanlab", "sklearn", "onnx", "onnxruntime",
-                "onnxscript", "albumentations", "cv2", "cifarlab.app", "cifarlab.report", "cifarlab.commands"}
+LAZY_ALLOWED = {"gradio", "matplotlib", "gradio_client", "pytorch_grad_cam", "cleanlab", "sklearn", "onnx",
+                "onnxruntime", "onnxscript", "albumentations", "cv2", "torchvision", "cifarlab.app", "cifarlab.report",
+                "cifarlab.commands"}
 
 
 def test_the_import_contracts_in_pyproject_hold():
@@ -93,3 +97,14 @@ def test_imports_inside_functions_are_heavy_optional_ones_with_a_reason(path):
         allowed = top in LAZY_ALLOWED or any(module == m or module.startswith(m + ".") for m in LAZY_ALLOWED)
         assert allowed, f"{path.name}:{line} imports {module} inside a function: import it at the top"
         assert "#" in lines[line - 1], f"{path.name}:{line}: say in a comment why {module} is imported late"
+
+
+def test_the_checkpoint_commands_never_import_lightning_or_other_slow_packages():
+    """The app's page, predict, report and export start without Lightning, torchmetrics, torchvision, grad-cam or
+    matplotlib: seconds of start-up each on a 2-core machine (docs/results.md, "App start-up")."""
+    code = ("import sys, cifarlab.cli, cifarlab.app, cifarlab.report\n"
+            "from cifarlab.commands import app, predict, report, export\n"
+            "slow = ('lightning', 'torchmetrics', 'torchvision', 'pytorch_grad_cam', 'matplotlib')\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules if m.split('.')[0] in slow}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
+    assert out.stdout.strip() == "[]", out.stdout

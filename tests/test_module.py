@@ -5,7 +5,8 @@ import torch
 
 from cifarlab.callbacks import Lookahead
 from cifarlab.errors import ConfigError
-from cifarlab.module import ImageClassifier, OptimizerConfig, TTAConfig
+from cifarlab.module import ImageClassifier
+from cifarlab.settings import OptimizerConfig, TTAConfig
 
 
 def test_bn_parameters_get_scaled_lr_and_inverse_decay():

@@ -88,7 +88,7 @@ def test_choose_precision(monkeypatch, cuda, cuda_bf16, accelerator, expected):
 
 @pytest.mark.parametrize("native", [True, False])
 def test_recipe_without_precision_gets_the_machines_choice(native, image_folder, tmp_path, monkeypatch, capsys):
-    from cifarlab.cli import CifarLabCLI
+    from cifarlab.commands.fit import CifarLabCLI
 
     expected = "bf16-mixed" if native else "32-true"
     monkeypatch.setattr(precision, "cpu_precision", lambda: Choice(expected, "because of the test"))
@@ -100,7 +100,7 @@ def test_recipe_without_precision_gets_the_machines_choice(native, image_folder,
 
 
 def test_explicit_precision_wins(image_folder, tmp_path, monkeypatch):
-    from cifarlab.cli import CifarLabCLI
+    from cifarlab.commands.fit import CifarLabCLI
 
     def never():
         raise AssertionError("an explicit precision needs no choice")

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from cifarlab.checkpoint import load_classifier
-from cifarlab.inference import eval_datamodule, predict_test_set
+from cifarlab.inference import eval_data, predict_test_set
 
 
 def test_a_copy_of_the_tested_weights_reuses_fits_predictions_and_other_weights_do_not(smoke_run):
@@ -19,7 +19,7 @@ def test_a_copy_of_the_tested_weights_reuses_fits_predictions_and_other_weights_
     shutil.copy(best, other)
     try:
         model = load_classifier(copy)
-        dm = eval_datamodule(model, str(root))
+        dm = eval_data(model, str(root))
         before = set(dm.cache_dir.glob("predictions-*.npz"))
         test = predict_test_set(model, copy, dm)
         assert set(dm.cache_dir.glob("predictions-*.npz")) == before  # nothing predicted, nothing cached

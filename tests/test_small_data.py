@@ -15,7 +15,7 @@ from PIL import Image
 from cifarlab.cli import main
 from cifarlab.data import MIN_BATCHES, CIFARDataModule, batch_for
 from cifarlab.errors import ConfigError
-from cifarlab.module import OptimizerConfig
+from cifarlab.settings import OptimizerConfig
 
 FAST = "fast"
 FAST_LR, FAST_MUON_LR, FAST_DECAY, FAST_BATCH = 1.028004, 0.205, 1.556614e-3, 1536  # fast.yaml's values

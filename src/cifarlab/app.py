@@ -16,11 +16,44 @@ Named API endpoints (see docs/app.md): ``/classify``, ``/status``, ``/mistakes``
 # ruff: noqa: E402  (the environment is set before the imports that read it)
 from __future__ import annotations
 
+import importlib.abc
+import importlib.util
 import os
+import sys
 
 # Gradio and huggingface_hub call home on import/launch unless told not to: this app runs offline.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+class _NoStubWriting(importlib.abc.MetaPathFinder):
+    """Loads ``gradio.component_meta`` without its ``create_or_modify_pyi``, which re-parses and rewrites a ``.pyi``
+    stub beside each of Gradio's ~80 component classes on every import: 1-1.5 s of a 2-core start, for stubs that
+    only an editor reads (https://github.com/gradio-app/gradio/issues/7791). Fenced in tests/test_private_apis.py."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "gradio.component_meta":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None:
+            return spec
+        run_module = spec.loader.exec_module
+
+        def exec_module(module) -> None:
+            run_module(module)
+            module.create_or_modify_pyi = _no_stub
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+def _no_stub(component_class, class_name, events) -> None:
+    """Gradio's stub writer, replaced: the page needs no editor stubs."""
+
+
+if "gradio" not in sys.modules:
+    sys.meta_path.insert(0, _NoStubWriting())
 
 import base64
 import copy
@@ -51,7 +84,7 @@ from cifarlab.inference import (
     Predictions,
     classify,
     decode_upload,
-    eval_datamodule,
+    eval_data,
     model_input,
     predict_test_set,
 )
@@ -228,7 +261,7 @@ class CifarApp:
 
     def _load_data(self, report) -> None:
         required = self.data_root is not None or self.other is not None
-        self.dm = eval_datamodule(self.model, self.data_root, self.source, required=required)
+        self.dm = eval_data(self.model, self.data_root, self.source, required=required)
         if self.dm is None:
             raise CifarlabError("the training data is not at hand: start the app with --data.root DIR to browse "
                                 "test images")
@@ -722,6 +755,8 @@ def launch(app: CifarApp, host: str = "127.0.0.1", port: int | None = 7860, bloc
     demo.launch(server_name=host, server_port=port, share=False, max_file_size=MAX_IMAGE_BYTES, show_error=True,
                 ssr_mode=False, theme=THEME, allowed_paths=allowed, prevent_thread_lock=True,
                 footer_links=["api"], quiet=not block)
+    # The CAM library loads behind the page: the first Classify would otherwise wait seconds for the import.
+    threading.Thread(target=cams.load_library, name="cam-library", daemon=True).start()
     if prepare:
         app.start()
     if block:

@@ -303,7 +303,7 @@ def write_train_oof(cache_dir: Path, recipe: str, probs: np.ndarray, labels: np.
     """Write ``<cache_dir>/train-oof-<recipe>-k<K>-<N>.npz``: ``probs`` (N, C) float16 out-of-sample probabilities,
     ``labels`` (N,) int64, ``fold`` (N,) int64 (the fold each image was held out in), ``classes`` (C,) str, ``recipe``
     str, ``folds`` int, ``ckpt_paths`` (K,) str (fold k's model). Rows are the training split in the order of
-    ``CIFARDataModule.load_splits()["train"]``."""
+    ``DataSource.load_split("train")``."""
     folds = len(ckpt_paths)
     out = Path(cache_dir) / f"train-oof-{recipe}-k{folds}-{len(labels)}.npz"
     with atomic_path(out, suffix=".tmp") as tmp, open(tmp, "wb") as file:  # not matched by find_train_oof meanwhile
@@ -323,7 +323,7 @@ class DataAudit:
     model: object
     ckpt_path: Path
     test: object  # inference.Predictions
-    datamodule: object
+    data: object  # datasets.DataSource
     projection: str = "tsne"
     train_images: np.ndarray | None = None  # (N_train, 32, 32, 3) uint8
     train_labels: np.ndarray | None = None  # (N_train,) int64
@@ -354,10 +354,10 @@ class DataAudit:
 
     @property
     def cache_dir(self) -> Path:
-        return self.datamodule.cache_dir
+        return self.data.cache_dir
 
     def find_label_issues(self, report: Report | None = None) -> None:
-        train = self.datamodule.load_splits()["train"]
+        train = self.data.load_split("train")
         self.train_images, self.train_labels = train.images, np.asarray(train.labels, dtype=np.int64)
         issues = {"test": label_issues(self.test.labels, self.test.probs)}
         found = find_train_oof(self.cache_dir, self.train_labels, list(self.model.class_names))

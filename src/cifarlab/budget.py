@@ -40,7 +40,8 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from cifarlab.data import MIN_BATCHES, CIFARDataModule, batch_for
 from cifarlab.errors import ConfigError
-from cifarlab.module import ImageClassifier, OptimizerConfig, migrate_hparams
+from cifarlab.module import ImageClassifier
+from cifarlab.settings import OptimizerConfig, migrate_hparams
 
 SAFETY = 0.97  # plan to end at 97% of the budget: the probe's error is a few percent either way
 STEP_OVERHEAD = 1.05  # a step inside Lightning's loop (logging, metrics, Lookahead) / the probe's bare step
@@ -77,23 +78,6 @@ def format_seconds(seconds: float) -> str:
     """``612.3`` -> ``"10m 12s"``."""
     seconds = round(seconds)
     return f"{seconds // 60}m {seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
-
-
-def process_start_time() -> float:
-    """Wall-clock time (``time.time()`` scale) when this process started, so that start-up counts against the
-    budget; the import time of this module where ``/proc`` is not available."""
-    try:
-        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
-        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
-                    if line.startswith("btime"))
-        start = boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
-        return _IMPORTED_AT
-    # (containers with their own time namespace can report a boot time that is not the host's)
-    return start if _IMPORTED_AT - 3600 < start <= _IMPORTED_AT else _IMPORTED_AT
-
-
-_IMPORTED_AT = time.time()
 
 
 @dataclass

@@ -10,13 +10,17 @@ from __future__ import annotations
 import numpy as np
 import torch
 from PIL import Image
-from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, LayerCAM, XGradCAM
-from pytorch_grad_cam.metrics.road import ROADMostRelevantFirst
-from pytorch_grad_cam.utils.image import show_cam_on_image
-from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget, ClassifierOutputTarget
 from torch import nn
 
-CAM_METHODS = {"Grad-CAM": GradCAM, "Grad-CAM++": GradCAMPlusPlus, "XGrad-CAM": XGradCAM, "LayerCAM": LayerCAM}
+# The methods offered, by name -> pytorch-grad-cam's class. grad-cam is imported at the first CAM: with torchvision
+# and scikit-learn it is seconds of start-up that a page or a command without CAMs need not wait for.
+CAM_METHODS = {"Grad-CAM": "GradCAM", "Grad-CAM++": "GradCAMPlusPlus", "XGrad-CAM": "XGradCAM", "LayerCAM": "LayerCAM"}
+
+
+def load_library() -> None:
+    """Import pytorch-grad-cam now (the app does it behind its page, so the first CAM does not wait seconds for it)."""
+    import pytorch_grad_cam  # noqa: F401  (an optional extra, seconds to import: on demand)
+    import pytorch_grad_cam.metrics.road  # noqa: F401  (the faithfulness score's part of it)
 
 
 PLAIN_LAYERS = (nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.GELU, nn.MaxPool2d, nn.Linear, nn.Flatten)
@@ -64,7 +68,10 @@ def compute_cams(model, x: torch.Tensor, layer: nn.Module, method: str = "Grad-C
                  classes: list[int] | None = None) -> np.ndarray:
     """CAMs ``(B, 32, 32)`` in [0, 1] for uint8 images ``x`` ``(B, 3, 32, 32)``, for ``classes`` (default: the
     predicted class of each image)."""
-    cam_cls = CAM_METHODS[method]
+    import pytorch_grad_cam  # an optional extra, seconds to import: at the first CAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # with grad-cam
+
+    cam_cls = getattr(pytorch_grad_cam, CAM_METHODS[method])
     net = model.net
     inputs = model.normalize(x.to(model.device)).float()
     targets = None if classes is None else [ClassifierOutputTarget(int(c)) for c in classes]
@@ -79,6 +86,8 @@ def overlay(image: np.ndarray, cam: np.ndarray, opacity: float = 0.5, size: int 
         image = upscale(image, size, smooth=False)
         cam = np.asarray(torch.nn.functional.interpolate(torch.from_numpy(cam)[None, None], size=(size, size),
                                                          mode="bilinear", align_corners=False)[0, 0])
+    from pytorch_grad_cam.utils.image import show_cam_on_image  # an optional extra, seconds to import: when used
+
     return show_cam_on_image(image.astype(np.float32) / 255, cam, use_rgb=True, image_weight=1 - opacity)
 
 
@@ -101,6 +110,9 @@ def faithfulness(model, x: torch.Tensor, cams: np.ndarray, classes: list[int], p
     Returns ``(cam_drop, random_drop)``, each ``(B,)``: the predicted class's softmax probability before
     minus after. A faithful CAM drops confidence much more than random removal.
     """
+    from pytorch_grad_cam.metrics.road import ROADMostRelevantFirst  # an optional extra, seconds to import: when used
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget  # with grad-cam
+
     net = model.net
     inputs = model.normalize(x.to(model.device)).float()
     targets = [ClassifierOutputSoftmaxTarget(int(c)) for c in classes]

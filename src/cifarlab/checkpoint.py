@@ -1,6 +1,7 @@
-"""One checkpoint: read safely, checked against the model a command builds, rebuilt into a model, and the data
-settings it was trained with. Used by ``fit``/``validate``/``test --ckpt_path``, the app, report, predict, export
-and audit alike. It builds on ``cifarlab.module``, which owns the file read, older settings and the rebuild.
+"""One checkpoint: read safely, checked against the model a command builds, rebuilt into the plain ``Classifier``,
+and the data settings it was trained with. Used by ``fit``/``validate``/``test --ckpt_path``, the app, report,
+predict, export and audit alike; none of it imports Lightning (``cifarlab.settings`` owns the file read and older
+settings).
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from typing import Any
 
 import torch
 
+from cifarlab.classifier import Classifier
 from cifarlab.errors import CifarlabError
-from cifarlab.module import ImageClassifier, read_checkpoint_file, saved_settings
+from cifarlab.settings import read_checkpoint_file, saved_settings
 
 
 @dataclass(frozen=True)
@@ -22,7 +24,7 @@ class Checkpoint:
 
     Attributes:
         path: the file.
-        hparams: the model's arguments in today's grouped form (``module.migrate_hparams``), without Lightning's
+        hparams: the model's arguments in today's grouped form (``settings.migrate_hparams``), without Lightning's
             bookkeeping (keys with a leading underscore).
         state_dict: the weights and buffers (dataset statistics included).
         data: the data module's arguments it was trained with (``root``, ``source``, ``val_size``, ...).
@@ -35,7 +37,7 @@ class Checkpoint:
 
     @classmethod
     def read(cls, path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
-        """Load a checkpoint without unpickling arbitrary objects (``module.read_checkpoint_file``: a pickle
+        """Load a checkpoint without unpickling arbitrary objects (``settings.read_checkpoint_file``: a pickle
         payload or a file that is not a cifarlab checkpoint is a one-line ``CifarlabError``)."""
         path = Path(path).expanduser()
         raw = read_checkpoint_file(path, map_location)
@@ -62,12 +64,12 @@ class Checkpoint:
                                 f"{built}; first mismatch: {bad[0]}): pass the recipe it was trained with, or train "
                                 "anew without --ckpt_path")
 
-    def build(self, strict: bool = True, **overrides: Any) -> ImageClassifier:
-        """The ``ImageClassifier`` it holds, weights loaded (``strict`` as for ``load_state_dict``), in training mode
-        (as Lightning's ``load_from_checkpoint``); ``overrides`` replace saved arguments (e.g. ``tta={"level": 0}``).
-        ``model.datamodule_hparams`` is ``data``."""
-        return ImageClassifier.rebuild(self.hparams, self.state_dict, self.data, source=self.path, strict=strict,
-                                       **overrides)
+    def build(self, strict: bool = True, **overrides: Any) -> Classifier:
+        """The ``Classifier`` it holds, weights loaded (``strict`` as for ``load_state_dict``), in eval mode;
+        ``overrides`` replace saved arguments (e.g. ``tta={"level": 0}``). ``model.datamodule_hparams`` is
+        ``data``."""
+        return Classifier.rebuild(self.hparams, self.state_dict, self.data, source=self.path, strict=strict,
+                                  **overrides)
 
 
 def describe_model(hparams: dict) -> str:
@@ -76,9 +78,9 @@ def describe_model(hparams: dict) -> str:
     return f"arch={hparams.get('arch')}, {len(names) if names else hparams.get('num_classes')} classes"
 
 
-def load_classifier(path: str | Path, map_location: str | torch.device = "cpu"):
-    """An ``ImageClassifier`` rebuilt from a checkpoint alone, in eval mode (see ``Checkpoint.read``: no pickles)."""
-    return Checkpoint.read(path, map_location).build().eval()
+def load_classifier(path: str | Path, map_location: str | torch.device = "cpu") -> Classifier:
+    """The ``Classifier`` rebuilt from a checkpoint alone, in eval mode (see ``Checkpoint.read``: no pickles)."""
+    return Checkpoint.read(path, map_location).build()
 
 
 def weights_digest(state_dict: dict[str, torch.Tensor]) -> str:

@@ -17,25 +17,23 @@ takes ``--config FILE`` and ``--print_config``; ``cifarlab COMMAND --help`` list
 
 from __future__ import annotations
 
-import signal
+import importlib
+import os
 import sys
 import time
 import warnings
+from pathlib import Path
 
 from jsonargparse import set_parsing_settings
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from cifarlab.budget import process_start_time
-from cifarlab.commands import app, audit, export, lr_find, predict, report, stats
-from cifarlab.commands.fit import CifarLabCLI
 from cifarlab.errors import CifarlabError
 from cifarlab.memory import tune_malloc
 from cifarlab.recipes import resolve_config_args
-from cifarlab.signals import peer_failure, received_signal
 
-# The commands besides LightningCLI's fit/validate/test: each takes the arguments after its name.
-COMMANDS = {"stats": stats.main, "lr-find": lr_find.main, "lr_find": lr_find.main, "app": app.main,
-            "predict": predict.main, "report": report.main, "export": export.main, "audit": audit.main}
+# Each command's module, imported only when it runs: the app, predict and report never import Lightning (seconds of
+# start-up). Each module's main takes the arguments after the command's name; fit's also takes the start time.
+COMMANDS = {"stats": "stats", "lr-find": "lr_find", "lr_find": "lr_find", "app": "app", "predict": "predict",
+            "report": "report", "export": "export", "audit": "audit"}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -55,25 +53,42 @@ def main(argv: list[str] | None = None) -> None:
     try:
         argv = resolve_config_args(argv)  # `--config fast` is the packaged recipe
         if command in COMMANDS:
-            COMMANDS[command](argv[1:])
+            importlib.import_module(f"cifarlab.commands.{COMMANDS[command]}").main(argv[1:])
         else:
-            CifarLabCLI(args=argv, start=start, description=__doc__)
+            importlib.import_module("cifarlab.commands.fit").main(argv, start=start, description=__doc__)
     except CifarlabError as err:
         print(f"cifarlab: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt:
         print("cifarlab: interrupted", file=sys.stderr)
         raise SystemExit(130) from None
-    except SIGTERMException:  # every rank stopped at the same batch boundary (after saving last.ckpt when fitting)
-        signum = received_signal() or signal.SIGTERM
-        print(f"cifarlab: stopped by {signal.Signals(signum).name}", file=sys.stderr)
-        raise SystemExit(128 + signum) from None
-    except Exception as err:
-        failure = peer_failure(err)
-        if failure is None:
+    except (Exception, SystemExit) as err:  # Lightning's SIGTERMException is a SystemExit
+        if "lightning" not in sys.modules:  # only a Lightning run stops on a signal or a failed peer
             raise
-        print(f"cifarlab: error: {failure}", file=sys.stderr)
-        raise SystemExit(1) from None
+        from cifarlab.commands.fit import stopped  # imported already: the command that ran used it
+
+        message, status = stopped(err)
+        if message is None:
+            raise
+        print(f"cifarlab: {message}", file=sys.stderr)
+        raise SystemExit(status) from None
+
+
+def process_start_time() -> float:
+    """Wall-clock time (``time.time()`` scale) when this process started, so that start-up counts against the
+    budget; the import time of this module where ``/proc`` is not available."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime"))
+        start = boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return _IMPORTED_AT
+    # (containers with their own time namespace can report a boot time that is not the host's)
+    return start if _IMPORTED_AT - 3600 < start <= _IMPORTED_AT else _IMPORTED_AT
+
+
+_IMPORTED_AT = time.time()
 
 
 def _quiet_known_warnings() -> None:

@@ -18,7 +18,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from cifarlab.checkpoint import weights_digest
-from cifarlab.data import IMG_EXTENSIONS, CIFARDataModule
+from cifarlab.datasets import IMG_EXTENSIONS, DataSource
 from cifarlab.errors import CifarlabError, DataError
 from cifarlab.files import file_key, save_predictions
 from cifarlab.metrics import confusion_matrix
@@ -36,27 +36,25 @@ class ImageError(CifarlabError):
 
 
 # ---------------------------------------------------------------------------------------------- data
-def eval_datamodule(model, root: str | None = None, source: str = "auto", required: bool = True):
-    """The data a checkpoint is evaluated on: ``root`` if given, else the data it was trained on.
-
-    Returns ``None`` when no root was given and the training data is not at hand (``required=False``).
+def eval_data(model, root: str | None = None, source: str = "auto", required: bool = True) -> DataSource | None:
+    """The data a checkpoint is evaluated on, its test split loaded: ``root`` if given, else the data it was trained
+    on. Returns ``None`` when no root was given and the training data is not at hand (``required=False``).
     """
     trained = getattr(model, "datamodule_hparams", {}) or {}
     if root is None:
         root, source = trained.get("root"), trained.get("source", "auto")
-    dm = CIFARDataModule(root=root, source=source, val_size=trained.get("val_size", 5000),
-                         split_seed=trained.get("split_seed", 0), cache_dir=trained.get("cache_dir"))
+    data = DataSource(root, source, cache_dir=trained.get("cache_dir"))
     try:
-        dm.prepare_data()
-        dm.setup("test")
+        classes = data.class_names
+        data.test_set  # noqa: B018  (loaded now: a missing or unreadable split is an error here, not in a tab)
     except DataError:
         if required:
             raise
         return None
-    if dm.class_names != list(model.class_names):
-        raise DataError(f"the data's classes {dm.class_names} differ from the checkpoint's {model.class_names}: "
+    if classes != list(model.class_names):
+        raise DataError(f"the data's classes {classes} differ from the checkpoint's {model.class_names}: "
                         "pass the --data.root the model was trained on")
-    return dm
+    return data
 
 
 # ---------------------------------------------------------------------------------------------- images
@@ -213,22 +211,21 @@ class Predictions:
         return confusion_matrix(self.preds, self.labels, len(self.classes))
 
 
-def predict_test_set(model, ckpt_path: str | Path, datamodule, batch_size: int = 500,
+def predict_test_set(model, ckpt_path: str | Path, data: DataSource, batch_size: int = 500,
                      report: Report | None = None) -> Predictions:
-    """Predictions of ``model`` on the datamodule's test split, computed once and cached per checkpoint.
+    """Predictions of ``model`` on the test split of ``data``, computed once and cached per checkpoint.
 
     Reuses ``test_predictions.npz`` from the checkpoint's run directory when ``cifarlab fit`` wrote it for this
     checkpoint or for one with the same weights (``last.ckpt`` after the tested epoch); otherwise runs the test set
     in batches (``report(done, total)`` after each) and caches the result next to the data.
     """
-    datamodule.setup("test")
-    test = datamodule.test_set
+    test = data.test_set
     images, labels = test.images, test.labels.numpy()
     ckpt_path = Path(ckpt_path).resolve()
     classes = list(model.class_names)
     run_file = Run.of_checkpoint(ckpt_path).test_predictions
     tta = model.tta.level  # in the name: files from before TTA was applied here are not reused
-    cache_file = datamodule.cache_dir / f"predictions-tta{tta}-{file_key(ckpt_path)}-{len(labels)}.npz"
+    cache_file = data.cache_dir / f"predictions-tta{tta}-{file_key(ckpt_path)}-{len(labels)}.npz"
     if cache_file.exists():
         found = _read_predictions(cache_file, labels)
         if found is not None:

@@ -1,235 +1,40 @@
-"""The LightningModule: preprocessing + network, loss, metrics, optimizer and OneCycle schedule.
+"""The LightningModule: the plain ``Classifier``'s prediction (preprocessing + network + TTA) with the loss,
+metrics, optimizer and OneCycle schedule.
 
-Its settings come in groups, each a dataclass whose fields are the command-line flags
+Its settings come in groups (``cifarlab.settings``), each a dataclass whose fields are the command-line flags
 (``--model.optimizer.lr``, ``--model.schedule.pct_start``, ``--model.tta.level``), as ``AugmentConfig`` is for the data.
-The module also owns how its checkpoints are read back: the safe file read, settings from older versions
-(``LEGACY_NAMES``, ``migrate_hparams``) and the rebuild (``cifarlab.checkpoint`` builds on these).
 """
 
 from __future__ import annotations
 
-import pickle
-from dataclasses import asdict, dataclass, fields, replace
-from pathlib import Path
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from dataclasses import asdict
+from typing import Any, Literal
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from cifarlab.errors import CifarlabError, ConfigError
-from cifarlab.models import build_model
+from cifarlab.classifier import Predicts, construct, load_weights, network
+from cifarlab.errors import ConfigError
 from cifarlab.optim import Muon, OneCycle
+from cifarlab.selective import SelectiveBackpropConfig, evaluating, select_by_loss
+from cifarlab.settings import (
+    GROUPS,
+    OptimizerConfig,
+    ScheduleConfig,
+    TTAConfig,
+    WhiteningConfig,
+    as_group,
+    read_checkpoint_file,
+    saved_settings,
+)
 from cifarlab.transforms import IMAGE_SIZE, Normalize
-
-
-@dataclass(frozen=True)
-class OptimizerConfig:
-    """The optimizer and its per-group learning rates."""
-
-    name: Literal["adam", "sgd", "muon"] = "adam"
-    """``adam`` (the seed), ``sgd`` (Nesterov momentum), or ``muon``: conv filters trained with Muon
-    (``cifarlab.optim.Muon``), every other parameter with SGD as for ``sgd``."""
-    lr: float = 0.01
-    """Peak learning rate of the schedule (``cifarlab lr-find`` suggests one); with ``muon``, of the non-filter
-    parameters."""
-    weight_decay: float = 1e-4
-    """L2 coefficient applied by the optimizer to every parameter."""
-    momentum: float = 0.9
-    """SGD momentum (ignored by Adam, whose beta1 OneCycle may cycle instead)."""
-    nesterov: bool = True
-    """Nesterov momentum for SGD."""
-    bn_lr_scale: float = 1.0
-    """LR multiplier for BatchNorm parameters; their weight decay is divided by it, so that LR x decay stays the
-    same (airbench: 64, with frozen BN scales, i.e. for the BN biases)."""
-    muon_lr: float = 0.24
-    """Peak learning rate of the Muon-trained filters (their update is orthogonalised, so this is a step size
-    relative to the normalised weights, independent of the loss scale; airbench: 0.24)."""
-    muon_momentum: float = 0.6
-    """Momentum of the Muon-trained filters (airbench: 0.6)."""
-    muon_ns_steps: int = 3
-    """Newton-Schulz iterations per Muon update (airbench: 3)."""
-
-    def for_batch(self, batch_size: int, recipe_batch: int) -> tuple[OptimizerConfig, str]:
-        """These settings for a batch of ``batch_size`` instead of the ``recipe_batch`` they were given for, and
-        what changed, in words. SGD (``sgd``, and ``muon``'s non-filter groups): ``lr`` in proportion to the batch,
-        as the recipes derive it (a per-example LR of a summed loss x batch for the mean loss), so the per-example
-        step stays the same; ``weight_decay``, ``bn_lr_scale`` are relative to ``lr`` (decay per step = lr x
-        weight_decay, which then scales with the batch too, as in the recipes) and stay. Muon's ``muon_lr`` stays
-        (its update is orthogonalised: its size does not depend on the gradient's). Adam: ``lr`` x the square root of
-        the ratio (the square-root rule for adaptive optimizers, Malladi et al. 2022)."""
-        ratio = batch_size / recipe_batch
-        if self.name == "adam":
-            return replace(self, lr=self.lr * ratio**0.5), f"learning rate scaled by sqrt({batch_size}/{recipe_batch})"
-        kept = "; Muon's kept" if self.name == "muon" else ""
-        return replace(self, lr=self.lr * ratio), f"learning rates scaled by {batch_size}/{recipe_batch}{kept}"
-
-
-@dataclass(frozen=True)
-class ScheduleConfig:
-    """The learning-rate schedule (``cifarlab.optim.OneCycle``, torch's ``OneCycleLR``, stepped every batch)."""
-
-    name: Literal["onecycle", "none"] = "onecycle"
-    """``onecycle``, or ``none`` (constant ``optimizer.lr``)."""
-    pct_start: float = 5 / 24
-    """Fraction of all steps spent warming up to the peak LR."""
-    div_factor: float = 100.0
-    """The schedule starts at peak / ``div_factor``."""
-    final_div_factor: float = 100.0
-    """It ends at peak / ``div_factor`` / ``final_div_factor``."""
-    three_phase: bool = False
-    """OneCycle's third (annihilation) phase."""
-    anneal_strategy: Literal["linear", "cos"] = "linear"
-    """Shape of the ramps."""
-    cycle_momentum: bool = True
-    """Cycle momentum (SGD) or beta1 (Adam) inversely to the LR, between 0.85 and 0.95."""
-    total_steps: int | None = None
-    """Optimizer steps of the schedule; training ends there even if the Trainer's limits are further. None: the
-    Trainer's length (``max_steps``, or ``max_epochs`` x batches). ``--budget`` sets it to the planned steps."""
-
-    def check(self) -> None:
-        """A ``ConfigError`` for a value out of range."""
-        if self.total_steps is not None and self.total_steps < 1:
-            raise ConfigError(f"schedule.total_steps is a number of optimizer steps (>= 1, or null for the "
-                              f"Trainer's length), got {self.total_steps}")
-
-
-@dataclass(frozen=True)
-class WhiteningConfig:
-    """The patch-whitening conv's bias (networks with one: ``airbench``); its weights stay frozen."""
-
-    bias_epochs: float = 3
-    """Epochs during which the bias trains; frozen after (airbench: 3; hiverge: 0.19, with ``bias_decay``). A
-    fraction ends its learning rate mid-epoch (with ``bias_decay``), and the bias is frozen from that step on."""
-    bias_lr_scale: float = 1.0
-    """LR multiplier for the bias, its weight decay divided by it as for ``bn_lr_scale`` (airbench94: 1, with the
-    head; airbench94_muon: 64, with the BN biases)."""
-    bias_decay: bool = False
-    """The bias's LR falls linearly from its scheduled value to 0 at the end of epoch ``bias_epochs`` instead of
-    stopping there abruptly (airbench94_muon)."""
-
-
-@dataclass(frozen=True)
-class TTAConfig:
-    """Test-time augmentation, used by ``cifarlab test``, the app, ``predict`` and ``report`` alike."""
-
-    level: Literal[0, 1, 2] = 0
-    """0 none, 1 + mirror (2 passes), 2 + mirror of 1-px translations (6 passes)."""
-    confident_at: float = 1.0
-    """Selective TTA (hiverge's CIFAR-10 speedrun): an image whose plain prediction's top probability is at least
-    this keeps that prediction, and only the others get the extra views. Decided per image, so a prediction never
-    depends on the rest of its batch. 1.0: every image gets them."""
-
-    def check(self) -> None:
-        """A ``ConfigError`` for a value out of range (the CLI's parser checks types only)."""
-        if not 0 < self.confident_at <= 1:
-            raise ConfigError(f"tta.confident_at is a probability in (0, 1] (1: TTA for every image), "
-                              f"got {self.confident_at}")
-
 
 BATCH_NORMS = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d, torch.nn.SyncBatchNorm)
 
-GROUPS: dict[str, type] = {"optimizer": OptimizerConfig, "schedule": ScheduleConfig, "whitening": WhiteningConfig,
-                           "tta": TTAConfig}
-# Checkpoints written before the groups (until 2026-11-28) carry flat arguments: old name -> (group, field).
-LEGACY_NAMES: dict[str, tuple[str, str]] = {
-    **{name: ("optimizer", name) for name in ("lr", "weight_decay", "momentum", "nesterov", "bn_lr_scale", "muon_lr",
-                                              "muon_momentum", "muon_ns_steps")},
-    **{name: ("schedule", name) for name in ("pct_start", "div_factor", "final_div_factor", "three_phase",
-                                             "anneal_strategy", "cycle_momentum")},
-    "optimizer": ("optimizer", "name"), "scheduler": ("schedule", "name"), "tta_level": ("tta", "level"),
-    "whiten_bias_epochs": ("whitening", "bias_epochs"), "whiten_bias_lr_scale": ("whitening", "bias_lr_scale"),
-    "whiten_bias_decay": ("whitening", "bias_decay"),
-}
 
-
-# Model arguments added since the first checkpoints, with the value that means "as before" (the network's default).
-# A checkpoint without one gets it here, so that a recipe's newer value (fast.yaml's SiLU) never lands on weights
-# that were trained without it: LightningCLI lays a checkpoint's settings over the recipe's only where it has them.
-ADDED_ARGUMENTS: dict[str, Any] = {"activation": None, "bn_momentum": None}
-
-
-def migrate_hparams(hparams: dict[str, Any]) -> dict[str, Any]:
-    """A checkpoint's hyperparameters in today's grouped form: flat ones (``lr``, ``scheduler``, ``tta_level``,
-    ``whiten_bias_epochs``, ...) moved into their groups, over any grouped values; arguments and group fields added
-    since (``activation``, ``tta.confident_at``, ...) filled in with their defaults, which keep the old behaviour.
-    The input is not modified."""
-    moved: dict[str, dict[str, Any]] = {}
-    out: dict[str, Any] = {}
-    for key, value in hparams.items():
-        if key in LEGACY_NAMES and not (key == "optimizer" and isinstance(value, dict)):
-            group, field = LEGACY_NAMES[key]
-            moved.setdefault(group, {})[field] = value
-        else:
-            out[key] = value
-    for group, values in moved.items():
-        out[group] = {**(out.get(group) or {}), **values}
-    if "arch" in out:  # an ImageClassifier's settings
-        for name, default in ADDED_ARGUMENTS.items():
-            out.setdefault(name, default)
-        for name, cls in GROUPS.items():
-            if out.get(name) is None or isinstance(out[name], dict):
-                out[name] = {**asdict(cls()), **(out.get(name) or {})}
-    return out
-
-
-def read_checkpoint_file(path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """A ``.ckpt`` written by ``cifarlab fit`` as a dict, loaded without unpickling arbitrary objects.
-
-    ``torch.load(weights_only=True)`` only accepts tensors and plain containers, so a crafted checkpoint carrying a
-    pickle payload is refused (a ``CifarlabError``) before any of its code can run.
-    """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise CifarlabError(f"checkpoint {path} not found: pass the .ckpt of a run, e.g. "
-                            "--ckpt runs/seed/version_0/checkpoints/last.ckpt")
-    try:
-        raw = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
-        if "Unsupported global" not in str(err):  # no code reference refused: bytes of something else
-            raise CifarlabError(f"{path} is not a readable PyTorch checkpoint (UnpicklingError): "
-                                "pass a .ckpt file written by `cifarlab fit`") from None
-        # torch names the refused global in its message ("Unsupported global: GLOBAL exec ..."): show that line.
-        first = next(ln.strip() for ln in str(err).splitlines() if "Unsupported global" in ln)
-        raise CifarlabError(f"refusing to load {path}: it holds pickled objects, not only weights and plain "
-                            f"data ({first[:160]}); load checkpoints written by cifarlab only") from None
-    except Exception as err:  # torch.load raises anything from KeyError to RuntimeError on a non-checkpoint
-        raise CifarlabError(f"{path} is not a readable PyTorch checkpoint ({type(err).__name__}): "
-                            "pass a .ckpt file written by `cifarlab fit`") from None
-    if not isinstance(raw, dict) or "state_dict" not in raw or "hyper_parameters" not in raw:
-        raise CifarlabError(f"{path} is not a cifarlab checkpoint (no state_dict/hyper_parameters): "
-                            "pass a .ckpt file written by `cifarlab fit`")
-    return raw
-
-
-def saved_settings(raw: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The model's arguments (today's grouped form, ``migrate_hparams``) and the data module's arguments of a
-    checkpoint read by ``read_checkpoint_file``, without Lightning's bookkeeping (keys with a leading underscore)."""
-    hparams = migrate_hparams({k: v for k, v in raw["hyper_parameters"].items() if not k.startswith("_")})
-    data = {k: v for k, v in raw.get("datamodule_hyper_parameters", {}).items() if not k.startswith("_")}
-    return hparams, data
-
-
-def _as(cls: type, value: Any):
-    """A group's dataclass from itself, a dict (a checkpoint, a YAML file) or None (the defaults)."""
-    if value is None:
-        return cls()
-    if isinstance(value, dict):
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(value) - known)
-        if unknown:
-            raise ConfigError(f"unknown {cls.__name__} field(s) {unknown}: it takes {sorted(known)}")
-        value = cls(**value)
-    for name, hint in get_type_hints(cls).items():  # a checkpoint or a program is not checked by the CLI's parser
-        if get_origin(hint) is Literal and getattr(value, name) not in get_args(hint):
-            raise ConfigError(f"{cls.__name__}.{name} = {getattr(value, name)!r}: choose one of {list(get_args(hint))}")
-    if hasattr(value, "check"):
-        value.check()
-    return value
-
-
-class ImageClassifier(L.LightningModule):
+class ImageClassifier(Predicts, L.LightningModule):
     """Classifies uint8 image batches ``(B, 3, 32, 32)``; normalisation is part of the model.
 
     Every argument is saved as a hyperparameter (the groups as plain dicts), and the dataset statistics are
@@ -252,6 +57,7 @@ class ImageClassifier(L.LightningModule):
         schedule: see ``ScheduleConfig``.
         whitening: see ``WhiteningConfig`` (networks with a patch-whitening conv only).
         tta: see ``TTAConfig``.
+        selective_backprop: see ``SelectiveBackpropConfig`` (``cifarlab.selective``); off by default.
     """
 
     def __init__(
@@ -269,10 +75,12 @@ class ImageClassifier(L.LightningModule):
         schedule: ScheduleConfig | None = None,
         whitening: WhiteningConfig | None = None,
         tta: TTAConfig | None = None,
+        selective_backprop: SelectiveBackpropConfig | None = None,
     ):
         super().__init__()
-        groups = {"optimizer": _as(OptimizerConfig, optimizer), "schedule": _as(ScheduleConfig, schedule),
-                  "whitening": _as(WhiteningConfig, whitening), "tta": _as(TTAConfig, tta)}
+        groups = {"optimizer": as_group(OptimizerConfig, optimizer), "schedule": as_group(ScheduleConfig, schedule),
+                  "whitening": as_group(WhiteningConfig, whitening), "tta": as_group(TTAConfig, tta),
+                  "selective_backprop": as_group(SelectiveBackpropConfig, selective_backprop)}
         if groups["optimizer"].name == "muon" and groups["schedule"].cycle_momentum and \
                 groups["schedule"].name == "onecycle":
             raise ConfigError("cycle_momentum would overwrite muon_momentum: with --model.optimizer.name muon, "
@@ -280,16 +88,13 @@ class ImageClassifier(L.LightningModule):
         if class_names is not None:
             num_classes = len(class_names)
         # Plain types only in checkpoints, so that they load with torch.load(weights_only=True).
-        self.save_hyperparameters(ignore=list(GROUPS))
+        self.save_hyperparameters(ignore=[*GROUPS, "selective_backprop"])
         self.hparams.num_classes = num_classes
         for name, group in groups.items():
             self.hparams[name] = asdict(group)
         self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
         self.normalize = Normalize()
-        self.net = build_model(arch, num_classes, widths=widths, activation=activation, bn_momentum=bn_momentum,
-                               logit_scale=logit_scale)
-        if channels_last:
-            self.net = self.net.to(memory_format=torch.channels_last)
+        self.net = network(arch, num_classes, widths, activation, bn_momentum, logit_scale, channels_last)
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -315,18 +120,8 @@ class ImageClassifier(L.LightningModule):
         """The model saved as ``hparams`` + ``state_dict`` (read from ``source``), weights loaded (``strict`` as for
         ``load_state_dict``), in training mode (as Lightning's ``load_from_checkpoint``); ``overrides`` replace saved
         arguments (e.g. ``tta={"level": 0}``). ``model.datamodule_hparams`` is ``data``."""
-        try:
-            model = cls(**{**hparams, **overrides})
-        except ConfigError:
-            raise  # a setting that is wrong today says so itself
-        except (TypeError, ValueError) as err:
-            raise CifarlabError(f"{source} was written for another model ({err}): it cannot be rebuilt by this "
-                                "cifarlab version") from None
-        try:
-            model.load_state_dict(state_dict, strict=strict)
-        except RuntimeError as err:
-            detail = str(err).strip().splitlines()[0]
-            raise CifarlabError(f"the weights in {source} do not fit its own model ({detail[:160]})") from None
+        model = construct(cls, {**hparams, **overrides}, source)
+        load_weights(model, state_dict, source, strict)
         model.datamodule_hparams = dict(data or {})  # where it was trained: the default data to evaluate it on
         return model
 
@@ -342,10 +137,6 @@ class ImageClassifier(L.LightningModule):
     @property
     def whitening(self) -> WhiteningConfig:
         return WhiteningConfig(**self.hparams.whitening)
-
-    @property
-    def tta(self) -> TTAConfig:
-        return TTAConfig(**self.hparams.tta)
 
     @property
     def total_steps(self) -> int:
@@ -411,44 +202,6 @@ class ImageClassifier(L.LightningModule):
         if self.schedule.total_steps and self.global_step >= self.schedule.total_steps:
             self.trainer.should_stop = True
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """uint8 pixels ``(B, 3, H, W)`` -> logits ``(B, num_classes)``."""
-        x = self.normalize(x)
-        if self.hparams.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return self.net(x)
-
-    def tta_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits averaged over test-time views of uint8 images ``x`` (``tta.level``); with ``tta.confident_at`` < 1,
-        images already predicted with that confidence keep their plain logits."""
-        tta = self.tta
-        plain = self(x)
-        if tta.level == 0 or tta.confident_at >= 1:
-            return self._views(x, plain, tta.level)
-        unsure = plain.float().softmax(1).amax(1) < tta.confident_at  # (B,) bool
-        if torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting():
-            # An exported graph cannot size a batch by the data: every image gets the views, the mask picks.
-            return torch.where(unsure[:, None], self._views(x, plain, tta.level), plain)
-        idx = unsure.nonzero().squeeze(1)
-        if len(idx) == 0:
-            return plain
-        out = plain.clone()
-        out[idx] = self._views(x[idx], plain[idx], tta.level).to(out.dtype)
-        return out
-
-    def _views(self, x: torch.Tensor, plain: torch.Tensor, level: int) -> torch.Tensor:
-        """``tta_logits`` of every image of ``x``, given its plain logits ``plain``."""
-        if level == 0:
-            return plain
-        mirror = 0.5 * (plain + self(x.flip(-1)))
-        if level == 1:
-            return mirror
-        padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
-        h, w = x.shape[-2:]
-        shifted = [padded[..., :h, :w], padded[..., 2:h + 2, 2:w + 2]]  # one pixel up-left and down-right
-        translated = torch.stack([0.5 * (self(v) + self(v.flip(-1))) for v in shifted]).mean(0)
-        return 0.5 * mirror + 0.5 * translated
-
     def logits_and_loss(self, batch, tta: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(logits, labels, cross-entropy loss)`` of a batch ``(uint8 images, labels)``; with ``tta``, the
         test-time views' logits."""
@@ -458,6 +211,16 @@ class ImageClassifier(L.LightningModule):
         return logits, y, loss
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        selective = SelectiveBackpropConfig(**self.hparams.selective_backprop)
+        if selective.keep < 1:  # (off: nothing more runs or is logged than without the option)
+            x, y = batch
+            if selective.selects(self.global_step, self.total_steps):
+                # Scored in eval mode: BN's running statistics are left for the training forward to update, once.
+                with evaluating(self):
+                    batch = select_by_loss(self, x, y, selective.keep, scale_factor=selective.scale_factor,
+                                           label_smoothing=self.hparams.label_smoothing)
+            self.log("train_kept", len(batch[1]) / len(y), on_step=True, on_epoch=True)
+        # train_loss and train_acc are those of the images trained on (the kept ones on a selective step)
         logits, y, loss = self.logits_and_loss(batch)
         self.train_acc(logits, y)
         self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True)

@@ -9,17 +9,24 @@ import csv
 import math
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")  # files only; never needs a display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from cifarlab.metrics import class_accuracy
 
-from cifarlab.metrics import class_accuracy  # noqa: E402
+
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (files only; never needs a display)."""
+    import matplotlib  # ~0.5 s to import on 2 cores: loaded by the first drawing, not when the app's page starts
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # the same heavy optional import, after the backend is chosen
+
+    return plt
 
 
 def plot_confusion(confmat: np.ndarray, classes: list[str], path: Path, title: str = "Test confusion matrix") -> None:
     """Counts per (true, predicted) cell, with per-class accuracy on the y labels."""
+    plt = pyplot()
     confmat = np.asarray(confmat)
     k = len(classes)
     acc = class_accuracy(confmat)
@@ -54,6 +61,7 @@ def read_metrics_csv(path: Path) -> dict[str, list[tuple[int, float]]]:
 
 def plot_curves(metrics_csv: Path, path: Path) -> bool:
     """Loss and accuracy per epoch (train vs val) from ``metrics.csv``; False when there is nothing to plot."""
+    plt = pyplot()
     series = read_metrics_csv(metrics_csv)
     pairs = [("loss", "train_loss_epoch", "val_loss"), ("accuracy", "train_acc", "val_acc")]
     if not any(k in series for _, *keys in pairs for k in keys):
@@ -79,6 +87,7 @@ def plot_embedding(points: np.ndarray, labels: np.ndarray, classes: list[str], m
     """A 2-D map ``points`` (N, 2) coloured by ``labels``, ``mistakes`` (a boolean mask) ringed in black, drawn
     with the axes filling the whole ``pixels``-square image (no frame) so that a click's pixel maps straight back
     to the map. Returns the extent ``(x0, x1, y0, y1)`` in map units: the image's left, right, bottom, top."""
+    plt = pyplot()
     fig = plt.figure(figsize=(pixels / 100, pixels / 100), dpi=100)
     ax = fig.add_axes((0, 0, 1, 1))
     colors = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
@@ -101,6 +110,7 @@ def plot_embedding(points: np.ndarray, labels: np.ndarray, classes: list[str], m
 
 def save_image_grid(images: np.ndarray, captions: list[str], path: Path, cols: int = 8, title: str = "") -> None:
     """``(N, 3, H, W)`` or ``(N, H, W, 3)`` uint8 images in a captioned grid, upscaled without smoothing."""
+    plt = pyplot()
     images = np.asarray(images)
     if images.shape[1] == 3:
         images = images.transpose(0, 2, 3, 1)

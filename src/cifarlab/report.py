@@ -16,7 +16,7 @@ import numpy as np
 from cifarlab import views
 from cifarlab.audit import DUPLICATE_SIMILARITY, DataAudit, check_same_classes, compare_runs
 from cifarlab.checkpoint import load_classifier
-from cifarlab.inference import eval_datamodule, predict_test_set
+from cifarlab.inference import eval_data, predict_test_set
 from cifarlab.plots import plot_confusion, plot_curves, plot_embedding, save_image_grid
 from cifarlab.runs import Run
 
@@ -70,7 +70,7 @@ def run_report(ckpt: str | Path, data_root: str | None = None, source: str = "au
     step = Progress(8 + (other is not None))
 
     step("the test set and its predictions")
-    dm = eval_datamodule(model, data_root, source)
+    dm = eval_data(model, data_root, source)
     test = predict_test_set(model, ckpt, dm)
     sections = []
 

@@ -9,17 +9,19 @@ after fit. stats, lr-find and audit build their recipe's model and data with it 
 from __future__ import annotations
 
 import os
+import signal
 import time
 from pathlib import Path
 
 from jsonargparse import ArgumentError
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ModelSummary
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from cifarlab.budget import budget_callback
 from cifarlab.callbacks import EpochSpeed, InterruptCheckpoint, RNGState, last_checkpoint
 from cifarlab.checkpoint import Checkpoint
-from cifarlab.commands.parsing import HelpFormatter, OneLineErrorParser, summarize_parse_error
+from cifarlab.commands.parsing import HelpFormatter, OneLineErrors, summarize_parse_error
 from cifarlab.data import CIFARDataModule
 from cifarlab.errors import CifarlabError
 from cifarlab.fit_report import TestReport
@@ -27,9 +29,13 @@ from cifarlab.loggers import run_loggers
 from cifarlab.module import ImageClassifier
 from cifarlab.precision import choose_precision
 from cifarlab.runs import LAST, Run, claim_version, resolve_last, run_root
-from cifarlab.signals import StopOnSignal
+from cifarlab.signals import StopOnSignal, peer_failure, received_signal
 
 CKPT_NAME = "epoch{epoch:02d}-val_acc{val_acc:.4f}"  # the best checkpoint's name, when chosen on val_acc
+
+
+class OneLineErrorParser(OneLineErrors, LightningArgumentParser):
+    """LightningCLI's parser of a recipe (fit, validate, test; stats, lr-find and audit add their own options)."""
 
 
 class CifarLabCLI(LightningCLI):
@@ -163,3 +169,18 @@ class CifarLabCLI(LightningCLI):
         best = next((c.best_model_path for c in self.trainer.checkpoint_callbacks
                      if c.filename != LAST and c.best_model_path), "")
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None)
+
+
+def main(argv: list[str], start: float | None = None, description: str | None = None) -> None:
+    """``cifarlab fit|validate|test ...``: ``argv`` includes the subcommand."""
+    CifarLabCLI(args=argv, start=start, description=description)
+
+
+def stopped(err: BaseException) -> tuple[str | None, int]:
+    """What to print and the exit status when a Lightning run ended by ``err``: a signal (every rank stopped at the
+    same batch boundary, after saving last.ckpt when fitting) or a failed peer process; ``(None, 1)`` otherwise."""
+    if isinstance(err, SIGTERMException):
+        signum = received_signal() or signal.SIGTERM
+        return f"stopped by {signal.Signals(signum).name}", 128 + signum
+    failure = peer_failure(err)
+    return (None, 1) if failure is None else (f"error: {failure}", 1)

@@ -12,7 +12,7 @@ from jsonargparse.typing import PositiveFloat, PositiveInt
 from cifarlab.commands.recipe import RecipeCLI, without_options
 from cifarlab.files import atomic_path
 from cifarlab.lr_find import LRSweep, lr_range_test
-from cifarlab.plots import plt
+from cifarlab.plots import pyplot
 from cifarlab.runs import lr_find_dir
 
 
@@ -46,6 +46,7 @@ def lr_find(cli: RecipeCLI, min_lr: PositiveFloat = 1e-7, max_lr: PositiveFloat 
 def plot_sweep(sweep: LRSweep, path: Path) -> None:
     """Loss against LR (log scale), the suggestion marked."""
     lrs, losses, best = sweep.lrs, sweep.losses, sweep.best
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.plot(lrs, losses)
     ax.plot(lrs[best], losses[best], "o", color="red", markersize=9, label=f"suggested lr = {sweep.suggestion:.3g}")

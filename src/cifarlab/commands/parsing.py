@@ -1,6 +1,6 @@
 """The parsers of the commands: jsonargparse's, with one-line errors and a ``--config`` that accepts a fit recipe.
 
-fit/validate/test/stats/lr-find/audit parse a recipe with LightningCLI (``OneLineErrorParser``); app/predict/report/
+fit/validate/test/stats/lr-find/audit parse a recipe with LightningCLI (``fit.OneLineErrorParser``); app/predict/report/
 export parse a typed function's parameters (``command_parser``). Both give ``--config FILE``, ``--print_config`` and
 a ``--help`` that lists each typed option with its docstring.
 """
@@ -18,10 +18,9 @@ from typing import Any, Literal
 
 import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser, DefaultHelpFormatter
-from lightning.pytorch.cli import LightningArgumentParser
 
 from cifarlab.errors import CifarlabError
-from cifarlab.module import LEGACY_NAMES
+from cifarlab.settings import LEGACY_NAMES
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, DefaultHelpFormatter):
@@ -40,10 +39,6 @@ class OneLineErrors:
         prog = self.prog.replace(" [options]", "")
         sys.stderr.write(f"cifarlab: error: {summary} (`{prog} --help` lists the options)\n")
         self.exit(2)
-
-
-class OneLineErrorParser(OneLineErrors, LightningArgumentParser):
-    """LightningCLI's parser of a recipe (fit, validate, test; stats, lr-find and audit add their own options)."""
 
 
 class CommandParser(OneLineErrors, ArgumentParser):

@@ -1,0 +1,113 @@
+"""Selective backprop's training step against the plain one, side by side in one process: what a step costs.
+
+    python benchmarks/selective.py --data.root /tmp/cifar10-jpeg [--keep 0.5] [--scale_factor 1 0.5] [--repeats 7]
+
+Builds the fast recipe as ``cifarlab fit --config fast`` does (airbench network, Muon, its batch, the precision
+cifarlab picks for this CPU) and times ``ImageClassifier.training_step`` + backward + optimizer step on augmented
+training batches of the real data: the plain step (the whole batch) and, for each ``--scale_factor``, the selective
+step (the no-grad scoring forward of the whole batch in eval mode, then forward + backward of the ``--keep`` share with
+the highest loss); also the parts: the scoring forward alone and the training forward alone (no backward), from which
+the backward's share of a plain step follows. The kinds are timed in turns, ``--repeats`` rounds after a warm-up round,
+so that a shared machine's slow spells fall on all of them alike; each is reported by its median and as a ratio of the
+plain step's: the compute a selective step costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import time
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+FAST = Path(__file__).resolve().parents[1] / "configs" / "fast.yaml"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data.root", dest="root", required=True)
+    parser.add_argument("--keep", type=float, default=0.5, help="share of the batch a selective step trains on")
+    parser.add_argument("--scale_factor", type=float, nargs="+", default=[1.0, 0.5],
+                        help="side of the scoring pass's images, one selective step timed per value")
+    parser.add_argument("--repeats", type=int, default=7, help="timed rounds (after one warm-up round)")
+    parser.add_argument("--batch_size", type=int, default=None, help="default: the recipe's (1,536)")
+    opts = parser.parse_args()
+
+    from cifarlab.commands.fit import CifarLabCLI
+    from cifarlab.memory import tune_malloc
+    from cifarlab.precision import cpu_info, fastest_precision
+    from cifarlab.selective import SelectiveBackpropConfig, evaluating
+
+    tune_malloc()
+    warnings.filterwarnings("ignore", message=".*self.trainer. reference is not registered.*")  # no Trainer here
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")  # this script's own flags, not its
+    torch.manual_seed(0)
+    cli = CifarLabCLI(args=["--config", str(FAST), "--data.root", opts.root, "--trainer.logger", "false",
+                            *(["--data.batch_size", str(opts.batch_size)] if opts.batch_size else [])],
+                      run=False, save_config_callback=None)
+    model, dm = cli.model, cli.datamodule
+    dm.setup("fit")
+    batch_size = min(dm.batch_size, len(dm.train_set))
+    # No Trainer: the schedule's length is set, so that the window is known; every step of it selects.
+    model.hparams.schedule = {**model.hparams.schedule, "total_steps": 1000}
+    plain = asdict(SelectiveBackpropConfig())
+    kinds = {"plain step": plain}
+    for scale in opts.scale_factor:
+        kinds[f"selective step, keep {opts.keep:g}, scoring at {scale:g}x"] = asdict(SelectiveBackpropConfig(
+            keep=opts.keep, start=0.0, end=1.0, interrupt=0, scale_factor=scale))
+    model.train()
+    optimizer = model.make_optimizer()
+    precision = fastest_precision("cpu")
+    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision.startswith("bf16") \
+        else contextlib.nullcontext
+    gen = torch.Generator().manual_seed(0)
+
+    def batch():
+        x, y = dm.train_set.batch(torch.randperm(len(dm.train_set), generator=gen)[:batch_size].tolist())
+        return (dm.batch_augment(x, None) if dm.batch_augment is not None else x), y
+
+    def step(selective: dict, b) -> None:
+        model.hparams.selective_backprop = selective
+        with autocast():
+            loss = model.training_step(b, 0)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def scoring_forward(b) -> None:
+        with torch.no_grad(), evaluating(model), autocast():
+            model(b[0])
+
+    def training_forward(b) -> None:
+        with autocast():
+            model.logits_and_loss(b)
+
+    timed = {name: (lambda b, s=s: step(s, b)) for name, s in kinds.items()}
+    timed["scoring forward alone (whole batch, eval, no grad)"] = scoring_forward
+    timed["training forward alone (whole batch, no backward)"] = training_forward
+    seconds: dict[str, list[float]] = {name: [] for name in timed}
+    for round_ in range(opts.repeats + 1):
+        for name, fn in timed.items():
+            b = batch()
+            t0 = time.perf_counter()
+            fn(b)
+            if round_:  # round 0 builds the kernels for each shape
+                seconds[name].append(time.perf_counter() - t0)
+    model.hparams.selective_backprop = plain
+
+    print(f"CPU: {cpu_info()[0]}; {torch.get_num_threads()} threads; {precision}; batch {batch_size}; "
+          f"median of {opts.repeats} rounds")
+    base = statistics.median(seconds["plain step"])
+    print("| step | seconds | / plain step |\n|---|---|---|")
+    for name, times in seconds.items():
+        print(f"| {name} | {statistics.median(times):.3f} | {statistics.median(times) / base:.2f} |")
+    backward = 1 - statistics.median(seconds["training forward alone (whole batch, no backward)"]) / base
+    print(f"backward + optimizer step: {backward:.0%} of a plain step")
+
+
+if __name__ == "__main__":
+    main()
