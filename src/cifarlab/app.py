@@ -215,7 +215,7 @@ class CifarApp:
     """The model, the data behind the page (prepared in the background) and every handler of the page."""
 
     def __init__(self, ckpt_path: str | Path, data_root: str | None = None, source: str = "auto",
-                 compare: str | Path | None = None, projection: str = "tsne"):
+                 compare: str | Path | None = None, projection: str = "tsne", ensemble: list[str | Path] = ()):
         self.ckpt_path = Path(ckpt_path)
         self.model = load_classifier(self.ckpt_path)
         self.classes = list(self.model.class_names)
@@ -226,6 +226,7 @@ class CifarApp:
         if self.other is not None:
             audit.check_same_classes(self.classes, list(self.other.class_names), f"--ckpt {ckpt_path}",
                                      f"--compare {compare}")
+        self.ensemble = audit.load_ensemble(list(ensemble), self.classes, ckpt_path)  # the label ranking's members
         if data_root is not None and not Path(data_root).expanduser().is_dir():
             raise CifarlabError(f"--data.root {data_root} is not a folder: pass the ImageFolder root (with train/ and "
                                 "test/) or leave it out to use the data the checkpoint was trained on")
@@ -254,7 +255,7 @@ class CifarApp:
                  Step("test", "the test-set predictions", self._predict)]
         if self.other is not None:
             steps.append(Step("compare", "the second checkpoint's test-set predictions", self._predict_other))
-        placeholder = audit.DataAudit(None, self.ckpt_path, None, None, self.projection)
+        placeholder = audit.DataAudit(None, self.ckpt_path, None, None, self.projection, ensemble=self.ensemble)
         for key, what, _ in placeholder.steps():
             steps.append(Step(key, what, self._audit_step(key)))
         return steps
@@ -268,7 +269,8 @@ class CifarApp:
 
     def _predict(self, report) -> None:
         self.test = predict_test_set(self._work_model, self.ckpt_path, self.dm, report=report)
-        self.audit = audit.DataAudit(self._work_model, self.ckpt_path, self.test, self.dm, self.projection)
+        self.audit = audit.DataAudit(self._work_model, self.ckpt_path, self.test, self.dm, self.projection,
+                                     ensemble=self.ensemble)
 
     def _predict_other(self, report) -> None:
         self.other_test = predict_test_set(self._work_other, self.other_path, self.dm, report=report)

@@ -18,8 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cifarlab.checkpoint import load_classifier
 from cifarlab.errors import CifarlabError
 from cifarlab.files import atomic_path, file_key, save_npz
+from cifarlab.inference import predict_test_set
 from cifarlab.metrics import class_accuracy, confusion_matrix
 from cifarlab.progress import Report, steps
 from cifarlab.transforms import to_batch
@@ -250,6 +252,17 @@ def check_same_classes(classes_a: list[str], classes_b: list[str], name_a: str =
                             "classes")
 
 
+def load_ensemble(paths: list[str | Path], classes: list[str], first: str | Path) -> list[tuple[Path, object]]:
+    """The checkpoints ``paths`` that join ``first`` in an ensemble, as ``(path, model)``: read before any slow
+    work, so a missing file or another class list fails at once."""
+    members = []
+    for path in paths:
+        model = load_classifier(path)
+        check_same_classes(classes, list(model.class_names), f"--ckpt {first}", f"the ensemble's {path}")
+        members.append((Path(path), model))
+    return members
+
+
 def compare_runs(probs_a: np.ndarray, probs_b: np.ndarray, labels: np.ndarray, classes_a: list[str],
                  classes_b: list[str]) -> Comparison:
     """Compare two checkpoints' test probabilities ``(N, K)``; their class lists must be the same."""
@@ -338,10 +351,14 @@ class DataAudit:
     test_nearest: np.ndarray | None = None  # (N,) each test image's likeliest duplicate among the other test images
     test_similarity: np.ndarray | None = None  # (N,) its score
     outliers: dict[str, np.ndarray] = field(default_factory=dict)  # split -> (N,) cleanlab's OOD score, low = odd
+    ensemble: list[tuple[Path, object]] = field(default_factory=list)  # more (checkpoint, model): ``load_ensemble``
+    test_probs: np.ndarray | None = None  # (N, K) the probabilities the test split's label ranking uses
+    test_source: str = ""  # which, in words
 
     def steps(self) -> list[tuple[str, str, Callable[[Report | None], None]]]:
         """``(key, what it computes, step(report))`` in order; each fills fields the next ones and the tabs read."""
-        return [("issues", "likely label errors", self.find_label_issues),
+        ranking = f" (the mean of {len(self.ensemble) + 1} checkpoints' predictions)" if self.ensemble else ""
+        return [("issues", f"likely label errors{ranking}", self.find_label_issues),
                 ("features", "features of the test set", self.find_test_features),
                 ("map", f"embedding map ({self.projection})", self.find_map),
                 ("duplicates", "features of the training set and the duplicate searches", self.find_duplicates),
@@ -359,7 +376,8 @@ class DataAudit:
     def find_label_issues(self, report: Report | None = None) -> None:
         train = self.data.load_split("train")
         self.train_images, self.train_labels = train.images, np.asarray(train.labels, dtype=np.int64)
-        issues = {"test": label_issues(self.test.labels, self.test.probs)}
+        self.test_probs, self.test_source = self.ensemble_probs(report)
+        issues = {"test": label_issues(self.test.labels, self.test_probs)}
         found = find_train_oof(self.cache_dir, self.train_labels, list(self.model.class_names))
         if found is not None:
             path, data = found
@@ -367,6 +385,20 @@ class DataAudit:
             issues["train"] = label_issues(self.train_labels, self.train_probs)
             self.train_source = f"{int(data['folds'])}-fold cross-validation of {str(data['recipe'])} ({path.name})"
         self.issues = issues
+
+    def ensemble_probs(self, report: Report | None = None) -> tuple[np.ndarray, str]:
+        """The test probabilities the label ranking uses, and which they are: this checkpoint's, or their mean over
+        it and the ``ensemble`` (out-of-sample for the test set in every member; the mean is better calibrated and
+        less tied to one run's mistakes, which cleanlab's ranking relies on)."""
+        if not self.ensemble:
+            return self.test.probs, f"this checkpoint's test probabilities ({self.ckpt_path.name})"
+        probs = [self.test.probs]
+        for path, model in self.ensemble:
+            probs.append(predict_test_set(model, path, self.data, report=report).probs)
+        names = ", ".join(str(p) for p in [self.ckpt_path, *(path for path, _ in self.ensemble)])
+        return (np.mean(probs, axis=0).astype(np.float32),
+                f"the mean test probabilities of {len(probs)} checkpoints ({names}; ensemble accuracy "
+                f"{accuracy(np.mean(probs, axis=0).argmax(1), self.test.labels):.2%})")
 
     def find_test_features(self, report: Report | None = None) -> None:
         self.test_features = cached_features(self.model, self.ckpt_path, self.test.images, "test", self.cache_dir,

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from cifarlab import views
-from cifarlab.audit import DUPLICATE_SIMILARITY, DataAudit, check_same_classes, compare_runs
+from cifarlab.audit import DUPLICATE_SIMILARITY, DataAudit, check_same_classes, compare_runs, load_ensemble
 from cifarlab.checkpoint import load_classifier
 from cifarlab.inference import eval_data, predict_test_set
 from cifarlab.plots import plot_confusion, plot_curves, plot_embedding, save_image_grid
@@ -55,13 +55,15 @@ def _grid(view: views.View, out: Path, name: str, title: str, cols: int) -> list
 
 def run_report(ckpt: str | Path, data_root: str | None = None, source: str = "auto", out: str | Path | None = None,
                count: int = 32, compare: str | Path | None = None, dup_threshold: float = DUPLICATE_SIMILARITY,
-               projection: str = "tsne", layer: str | None = None, method: str = "Grad-CAM") -> Path:
+               projection: str = "tsne", layer: str | None = None, method: str = "Grad-CAM",
+               ensemble: list[str | Path] = ()) -> Path:
     """Write the report folder (default ``<run dir>/report``) and return its ``index.html``."""
     ckpt = Path(ckpt)
     model = load_classifier(ckpt)
     other = load_classifier(compare) if compare else None
     if other is not None:  # before any slow work: a wrong pair fails at once
         check_same_classes(list(model.class_names), list(other.class_names), f"--ckpt {ckpt}", f"--compare {compare}")
+    members = load_ensemble(list(ensemble), list(model.class_names), ckpt)
     run = Run.of_checkpoint(ckpt)
     out = Path(out) if out else run.dir / "report"
     out.mkdir(parents=True, exist_ok=True)
@@ -96,7 +98,7 @@ def run_report(ckpt: str | Path, data_root: str | None = None, source: str = "au
     sections += ["<h2>Most confidently wrong</h2>",
                  *_grid(view, out, "mistakes", f"Most confidently wrong: {method} of the prediction", cols=6)]
 
-    audit = DataAudit(model, ckpt, test, dm, projection)
+    audit = DataAudit(model, ckpt, test, dm, projection, ensemble=members)
     for _, what, run_step in audit.steps():
         step(what)
         run_step(None)

@@ -141,7 +141,7 @@ def label_issues_view(model, audit: DataAudit, split: str = "test", given_cls: i
     test = audit.test
     issues: LabelIssues = audit.issues[split]
     images, labels = (test.images, test.labels) if split == "test" else (audit.train_images, audit.train_labels)
-    probs = test.probs if split == "test" else audit.train_probs
+    probs = audit.test_probs if split == "test" else audit.train_probs
     classes = list(model.class_names)
     idx = issues.flagged
     if given_cls is not None:
@@ -162,8 +162,8 @@ def label_issues_view(model, audit: DataAudit, split: str = "test", given_cls: i
     if split == "test":
         keep = np.ones(n, bool)
         keep[issues.flagged] = False
-        summary += (f"Test accuracy {accuracy(test.preds, labels):.2%} on all images, "
-                    f"{accuracy(test.preds, labels, keep):.2%} without the flagged ones. ")
+        summary += (f"Ranked from {audit.test_source}. Test accuracy {accuracy(test.preds, labels):.2%} on all "
+                    f"images, {accuracy(test.preds, labels, keep):.2%} without the flagged ones. ")
     else:
         summary += f"Out-of-sample probabilities from {audit.train_source}. "
     label, _ = cam_layer(model, cam.layer)

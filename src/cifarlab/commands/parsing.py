@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import json
 import re
 import sys
 from collections.abc import Callable
@@ -160,6 +161,25 @@ def command_parser(command: Callable, prog: str, skip: set[str] | None = None) -
 
 def parse(parser: ArgumentParser, argv: list[str]) -> dict[str, Any]:
     """``argv`` parsed by ``parser``, dataclass options built: ``{option: value}`` (``--config`` left out)."""
+    if "ensemble" in parser.get_defaults():
+        argv = split_checkpoints(argv)
     options = parser.instantiate(parser.parse_args(argv)).as_dict()
     options.pop("config", None)
     return options
+
+
+def split_checkpoints(argv: list[str]) -> list[str]:
+    """``--ckpt A B C`` as ``--ckpt A --ensemble ["B", "C"]``: jsonargparse takes one value per flag."""
+    out, i = [], 0
+    while i < len(argv):
+        out.append(argv[i])
+        if argv[i] != "--ckpt":
+            i += 1
+            continue
+        j = i + 1
+        while j < len(argv) and not argv[j].startswith("-"):
+            j += 1
+        paths = argv[i + 1:j]
+        out += paths[:1] + (["--ensemble", json.dumps(paths[1:])] if len(paths) > 1 else [])
+        i = j
+    return out
