@@ -120,7 +120,7 @@ def test_features_are_the_head_input_and_cached(smoke_run, tmp_path):
         return test_feats, map2d, audit.cached_duplicates(images, train, test_feats, train_feats, ckpt, tmp_path)
 
     first = audit_once()
-    assert sorted(p.name.split("-")[0] for p in tmp_path.glob("*.npz")) == ["duplicates", "features", "features",
+    assert sorted(p.name.split("-")[0] for p in tmp_path.glob("*.npz")) == ["copies", "features", "features",
                                                                             "map"]
     assert np.allclose(first[0], feats, atol=1e-2 * np.abs(feats).max())  # cached as float16
     again = audit_once()
@@ -146,7 +146,7 @@ def test_duplicates_within_the_test_set_pair_copies_and_never_an_image_with_itse
     images[7] = np.clip(images[2].astype(int) + 6, 0, 255)  # image 2 again, brighter
     features = rng.normal(0, 1, (12, 16)).astype(np.float32)
     features[7] = features[2] + 0.01  # the network sees them alike too
-    nearest, similarity = audit.match_duplicates(images, None, features, None, candidates=3)
+    nearest, similarity = audit.match_duplicates(images, None, features, None)
     assert (nearest != np.arange(12)).all()
     assert nearest[2] == 7 and nearest[7] == 2 and similarity[2] > 0.95
     assert (np.delete(similarity, [2, 7]) < 0.5).all()

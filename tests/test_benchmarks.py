@@ -185,3 +185,12 @@ def test_flagged_grid_ranks_the_test_set_from_an_ensemble_and_counts_verdicts(sm
     if shown:
         errors = sum(i % 2 == 0 for i in shown)
         assert f"ranks 1-{len(shown)}: " in out and (f"{errors} clear label errors" in out or errors == 0)
+
+
+@pytest.mark.slow
+def test_duplicates_benchmark_plants_edited_copies_and_scores_both_searches(smoke_run):
+    root, _, ckpt = smoke_run
+    out = _run("benchmarks/duplicates.py", "--data.root", root, "--ckpt", ckpt, "--n", "5")
+    rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
+    assert {"shift", "crop", "flip", "colour", "jpeg", "combined", "all"} <= set(rows)
+    assert "threshold: cifarlab 0.92, baseline 0.90" in out and "CPU:" in out

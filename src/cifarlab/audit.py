@@ -4,7 +4,7 @@ training and test images, a 2-D map of the test set, and two checkpoints compare
 Everything here is arrays in, arrays out (no Gradio): the app and ``cifarlab report`` draw what it returns.
 Features are the network's penultimate activations (the input of its last linear layer), computed once per
 checkpoint and cached next to the data with the map and the duplicate search (``features-``, ``map-`` and
-``duplicates-<checkpoint key>-....npz``).
+``copies-<checkpoint key>-....npz``).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cifarlab import duplicates
 from cifarlab.checkpoint import load_classifier
 from cifarlab.errors import CifarlabError
 from cifarlab.files import atomic_path, file_key, save_npz
@@ -28,11 +29,9 @@ from cifarlab.transforms import to_batch
 
 FEATURE_BATCH = 1000  # images per forward pass when computing features (no gradients: memory is not the limit)
 PCA_DIMS = 50  # t-SNE runs on the first 50 principal components: the usual denoising step, and 5x less work
-DUPLICATE_CANDIDATES = 5  # training images per test image, nearest by features, whose pixels are then compared
-# Pixel correlation (see ``pixel_signature``) above which a test image and its best candidate count as near-duplicates.
-# Chosen by eye on the JPEG copy's pairs (docs/data-audit.md); the app's slider and
-# `cifarlab report --dup_threshold` change it.
-DUPLICATE_SIMILARITY = 0.90
+# Score (``duplicates.match``) from which two images count as one photograph: checked by eye at, above and below it
+# on the JPEG copy, and on a planted benchmark (docs/results.md); the app's slider and `--dup_threshold` change it.
+DUPLICATE_SIMILARITY = duplicates.THRESHOLD
 # Training images whose mean cosine distance makes the outlier score: cleanlab's default k, enough to be stable for
 # a class of 5,000 images and still local.
 OUTLIER_NEIGHBOURS = 10
@@ -95,35 +94,14 @@ def nearest_neighbours(query: np.ndarray, base: np.ndarray, k: int = 1,
     return np.concatenate(index).astype(np.int64), np.concatenate(similarity).astype(np.float32)
 
 
-def pixel_signature(images: np.ndarray) -> torch.Tensor:
-    """Unit vectors ``(N, 256)`` of uint8 images ``(N, 32, 32, 3)``: grey, 16x16, mean removed, so their dot product
-    is the images' pixel correlation (unchanged by brightness and contrast, hurt by shifts)."""
-    x = torch.from_numpy(np.asarray(images)).float().mean(-1, keepdim=True).permute(0, 3, 1, 2)  # (N, 1, 32, 32)
-    x = torch.nn.functional.avg_pool2d(x, 2).flatten(1)  # (N, 256)
-    return torch.nn.functional.normalize(x - x.mean(1, keepdim=True), dim=1)
-
-
 def match_duplicates(test_images: np.ndarray, train_images: np.ndarray | None, test_features: np.ndarray,
-                     train_features: np.ndarray | None,
-                     candidates: int = DUPLICATE_CANDIDATES) -> tuple[np.ndarray, np.ndarray]:
-    """Each test image's most likely duplicate in the training set (``None``: among the other test images):
-    ``(nearest (N,), similarity (N,))``.
-
-    The network's features find ``candidates`` training images that look alike to the model; their pixel correlation
-    (``pixel_signature``) picks and scores the closest. Features alone rank same-class look-alikes (two different
-    ships on water) as high as real copies: a trained network maps a class to a tight cluster.
-    """
+                     train_features: np.ndarray | None, report: Report | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Each test image's likeliest duplicate in the training set (``None``: among the other test images) and its
+    score: ``(nearest (N,), similarity (N,))``; ``duplicates.match`` finds copies that were shifted, cropped, mirrored,
+    recoloured or re-encoded, from the network's features and the images' edges."""
     within = train_images is None
-    if within:  # the test set against itself: one more candidate, since each image finds itself first
-        train_images, train_features, candidates = test_images, test_features, candidates + 1
-    index, _ = nearest_neighbours(test_features, train_features, candidates)
-    test_sig, train_sig = pixel_signature(test_images), pixel_signature(train_images)
-    scores = (test_sig[:, None, :] * train_sig[torch.from_numpy(index)]).sum(-1)  # (N, candidates)
-    if within:
-        scores[torch.from_numpy(index == np.arange(len(index))[:, None])] = -2.0  # below any correlation
-    best = scores.argmax(1)
-    rows = torch.arange(len(index))
-    return index[rows.numpy(), best.numpy()], scores[rows, best].numpy().astype(np.float32)
+    base_images, base_features = (test_images, test_features) if within else (train_images, train_features)
+    return duplicates.match(test_images, base_images, test_features, base_features, within=within, report=report)
 
 
 def _cached(path: Path, key: str, compute: Callable[[], np.ndarray]) -> np.ndarray:
@@ -161,13 +139,13 @@ def cached_map(features: np.ndarray, ckpt_path: str | Path, projection: str, cac
 
 
 def cached_duplicates(test_images: np.ndarray, train_images: np.ndarray | None, test_features: np.ndarray,
-                      train_features: np.ndarray | None, ckpt_path: str | Path,
-                      cache_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+                      train_features: np.ndarray | None, ckpt_path: str | Path, cache_dir: Path,
+                      report: Report | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``match_duplicates``, computed once per checkpoint and cached in ``cache_dir``."""
     against = "within" if train_images is None else len(train_images)
-    path = Path(cache_dir) / f"duplicates-{file_key(ckpt_path)}-{len(test_images)}-{against}.npz"
-    pairs = _cached(path, "pairs", lambda: np.stack(
-        [a.astype(np.float64) for a in match_duplicates(test_images, train_images, test_features, train_features)]))
+    path = Path(cache_dir) / f"copies-{file_key(ckpt_path)}-{len(test_images)}-{against}.npz"
+    pairs = _cached(path, "pairs", lambda: np.stack([a.astype(np.float64) for a in match_duplicates(
+        test_images, train_images, test_features, train_features, report)]))
     return pairs[0].astype(np.int64), pairs[1].astype(np.float32)
 
 
@@ -410,10 +388,10 @@ class DataAudit:
     def find_duplicates(self, report: Report | None = None) -> None:
         train = cached_features(self.model, self.ckpt_path, self.train_images, "train", self.cache_dir, report)
         self.nearest, self.similarity = cached_duplicates(self.test.images, self.train_images, self.test_features,
-                                                          train, self.ckpt_path, self.cache_dir)
+                                                          train, self.ckpt_path, self.cache_dir, report)
         self.train_features = train
         self.test_nearest, self.test_similarity = cached_duplicates(self.test.images, None, self.test_features, None,
-                                                                    self.ckpt_path, self.cache_dir)
+                                                                    self.ckpt_path, self.cache_dir, report)
 
     def find_outliers(self, report: Report | None = None) -> None:
         path = Path(self.cache_dir) / (f"outliers-{file_key(self.ckpt_path)}-{len(self.test_features)}-"
