@@ -12,8 +12,9 @@ at once. Positives: the copies of the first ``--n`` originals, searched for in t
 original: right when the match is that original and scores at or above the threshold. Negatives: the copies of the
 other ``--n`` originals, searched for in the training set without them: any match at or above the threshold is a
 false one (their best match is the most similar different photograph). The copies' features come from the network,
-as a real query's would. A baseline matcher (5 nearest by features, then 16x16 grey correlation >= 0.90) runs
-on the same queries for comparison.
+as a real query's would. Two other matchers run on the same queries for comparison: a baseline (5 nearest by
+features, then 16x16 grey correlation >= 0.90) and cleanlab's ``Datalab`` near-duplicate check at its defaults (on the
+same features, one edit kind at a time: the training set and that kind's copies as one data set).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from cleanlab import Datalab
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
@@ -117,6 +119,23 @@ def baseline_match(query: np.ndarray, base: np.ndarray, query_f: np.ndarray,
     return np.concatenate(index), np.concatenate(score)
 
 
+def datalab_match(query_f: np.ndarray, base_f: np.ndarray, kinds: np.ndarray,
+                  truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """cleanlab's ``Datalab`` near-duplicate check at its defaults (10 neighbours; a pair is a duplicate when its
+    distance is below 0.13 x the median distance to the nearest neighbour), one edit kind at a time so that copies
+    of one original never meet: ``(flagged, right)``, right = flagged with its original in the query's set."""
+    flagged, right = np.zeros(len(query_f), bool), np.zeros(len(query_f), bool)
+    for kind in np.unique(kinds):
+        rows = np.flatnonzero(kinds == kind)
+        features = np.concatenate([base_f, query_f[rows]]).astype(np.float32)
+        lab = Datalab(data={"row": np.arange(len(features))}, verbosity=0)
+        lab.find_issues(features=features, issue_types={"near_duplicate": {}})
+        sets = lab.get_info("near_duplicate")["near_duplicate_sets"][len(base_f):]
+        flagged[rows] = [len(s) > 0 for s in sets]
+        right[rows] = [t >= 0 and t in set(s) for s, t in zip(sets, truth[rows])]
+    return flagged, right
+
+
 def rates(right: np.ndarray, positive: np.ndarray, score: np.ndarray, threshold: float) -> tuple[float, float, int]:
     """``(recall, precision, flagged)`` at ``threshold``: recall over the positives, precision over the flagged."""
     flagged = score >= threshold
@@ -192,18 +211,24 @@ def main() -> None:
     started = time.perf_counter()
     baseline_near, baseline_score = baseline_match(queries, base, query_f, base_f)
     baseline_time = time.perf_counter() - started
+    started = time.perf_counter()
+    datalab_flagged, datalab_right = datalab_match(query_f, base_f, kinds, truth)
+    datalab_time = time.perf_counter() - started
     right, baseline_right = positive & (near == truth), positive & (baseline_near == truth)
 
     print(f"\n{len(queries)} queries ({positive.sum()} copies of {args.n} originals in the base, "
           f"{(~positive).sum()} of {args.n} originals not in it) against {len(base)} training images")
     print(f"threshold: cifarlab {threshold:.2f}, baseline {BASELINE_THRESHOLD:.2f}\n")
-    print("| edit | recall | precision | baseline recall | baseline precision | right image, any score |")
-    print("|---|---|---|---|---|---|")
+    print("| edit | recall | precision | baseline recall | baseline precision | Datalab recall | Datalab precision "
+          "| right image, any score |")
+    print("|---|---|---|---|---|---|---|---|")
     for kind in [*EDITS, "all"]:
         m = np.ones(len(kinds), bool) if kind == "all" else kinds == kind
         r, p, _ = rates(right[m], positive[m], score[m], threshold)
         ro, po, _ = rates(baseline_right[m], positive[m], baseline_score[m], BASELINE_THRESHOLD)
-        print(f"| {kind} | {r:.1%} | {p:.1%} | {ro:.1%} | {po:.1%} | {right[m].sum() / positive[m].sum():.1%} |")
+        rd, pd, _ = rates(datalab_right[m], positive[m], datalab_flagged[m].astype(float), 1.0)
+        print(f"| {kind} | {r:.1%} | {p:.1%} | {ro:.1%} | {po:.1%} | {rd:.1%} | {pd:.1%} "
+              f"| {right[m].sum() / positive[m].sum():.1%} |")
     print("\ncifarlab, all edits: | threshold | recall | precision | flagged | negatives flagged |")
     for t in sorted({*CURVE, threshold}):
         r, p, flagged = rates(right, positive, score, t)
@@ -213,7 +238,7 @@ def main() -> None:
           f"median {np.median(neg):.3f}; positives' (right image) 1st percentile "
           f"{np.quantile(score[right], 0.01):.3f}")
     print(f"\ntime: features of the {len(queries)} queries {feature_time:.1f} s; cifarlab {new_time:.1f} s "
-          f"({len(queries)} x {len(base)}); baseline {baseline_time:.1f} s")
+          f"({len(queries)} x {len(base)}); baseline {baseline_time:.1f} s; Datalab {datalab_time:.1f} s")
 
     if args.save_pairs:
         args.save_pairs.mkdir(parents=True, exist_ok=True)

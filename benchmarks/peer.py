@@ -3,10 +3,12 @@
 
     pip install airbench==0.1.8     # benchmark-only: the product never imports it
     python benchmarks/peer.py --data.root /tmp/data/cifar10-jpeg --seeds 0 1 2 [--peer_epochs 9.9] [-- FIT FLAGS]
+    python benchmarks/peer.py --data.root /tmp/data/cifar10-jpeg --seeds 0 --fp32   # both sides in fp32
 
 The peer runs its own ``train94`` with its recipe and hyperparameters unchanged. Only device plumbing differs
 from its GPU script: the network is built on the CPU in fp32 (its ``make_net94`` calls ``.half().cuda()``),
-wrapped in bf16 autocast where cifarlab would pick bf16 on this machine; CUDA events become CPU timers; its
+wrapped in bf16 autocast where cifarlab would pick bf16 on this machine (``--fp32``: both sides in fp32, the
+stand-in for a CPU without native bf16); CUDA events become CPU timers; its
 loader reads the same ImageFolder copy, packed into its ``train.pt``/``test.pt`` format. Its time is the span of
 its ``train94`` call (model and optimizer creation, its test loader, whitening, training) plus its final
 evaluation with its TTA, without process start-up or data loading (its own timer leaves out the model, optimizer
@@ -167,6 +169,8 @@ def main() -> None:
     parser.add_argument("--target", type=float, default=0.907)
     parser.add_argument("--run_dir", default="runs/peer")
     parser.add_argument("--only", choices=["peer", "cifarlab"], help="run one side only")
+    parser.add_argument("--fp32", action="store_true", help="both sides in fp32 (cifarlab: --trainer.precision "
+                        "32-true), as on a CPU without native bf16")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--packed", help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
@@ -179,9 +183,12 @@ def main() -> None:
         parser.error("--data.root is required")
     run_dir = Path(opts.run_dir)
     packed = pack(opts.root, run_dir / "airbench_data")
-    bf16 = cifarlab_uses_bf16()
+    bf16 = cifarlab_uses_bf16() and not opts.fp32
+    if opts.fp32:
+        opts.extra += ["--trainer.precision", "32-true"]
     print(cpu_line())
-    print(f"peer precision: {'bf16 autocast' if bf16 else 'fp32'} (what cifarlab picks here); "
+    print(f"peer precision: {'bf16 autocast' if bf16 else 'fp32'} "
+          f"({'forced' if opts.fp32 else 'what cifarlab picks here'}); "
           f"peer epochs: {opts.peer_epochs}; cifarlab: {opts.config} {' '.join(opts.extra)}", flush=True)
     rows = []
     for seed in opts.seeds:

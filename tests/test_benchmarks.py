@@ -131,12 +131,15 @@ def folder_1k(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_peer_runs_airbench_and_cifarlab_side_by_side(folder_1k, tmp_path):
+@pytest.mark.parametrize("fp32", [False, True])
+def test_peer_runs_airbench_and_cifarlab_side_by_side(folder_1k, tmp_path, fp32):
     out = _run("benchmarks/peer.py", "--data.root", folder_1k, "--seeds", "0", "--peer_epochs", "1",
-               "--run_dir", tmp_path, "--", "--trainer.max_steps", "2", "--data.batch_size", "64",
-               "--data.val_size", "0")
+               "--run_dir", tmp_path, *(["--fp32"] if fp32 else []), "--", "--trainer.max_steps", "2",
+               "--data.batch_size", "64", "--data.val_size", "0")
     assert out.startswith("CPU: ") and "seed 0: airbench94 " in out and "seed 0: cifarlab " in out
     assert "time ratio cifarlab / airbench94: " in out
+    if fp32:
+        assert "peer precision: fp32 (forced)" in out and "--trainer.precision 32-true" in out
 
 
 @pytest.mark.slow
@@ -155,6 +158,15 @@ def test_throughput_fast_reports_the_ceiling(folder_1k):
     conv = re.search(r"convolutions (\d+)% of the CPU time", out)
     assert conv and 0 < int(conv.group(1)) <= 100, out
     assert re.search(r"^ +\d+\.\d%  aten::", out, re.M), out  # the op table
+
+
+@pytest.mark.slow
+def test_step_levers_times_each_kind_and_checks_the_whitening_conv(folder_1k):
+    out = _run("benchmarks/step_levers.py", "--data.root", folder_1k, "--repeats", "1", "--no_compile")
+    for row in ("as shipped", "max-pool without indices, 4 maxima", "max-pool without indices, amax"):
+        assert re.search(rf"^\| {row} \| \d+\.\d+ \| \d+\.\d+ \|", out, re.M), out
+    exact = re.search(r"bf16 autocast against exact bf16 +(\S+)", out)
+    assert exact and float(exact.group(1)) < 1e-3, out  # oneDNN's 2x2 bf16 conv as exact as bf16 allows
 
 
 @pytest.mark.slow
@@ -194,3 +206,4 @@ def test_duplicates_benchmark_plants_edited_copies_and_scores_both_searches(smok
     rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
     assert {"shift", "crop", "flip", "colour", "jpeg", "combined", "all"} <= set(rows)
     assert "threshold: cifarlab 0.92, baseline 0.90" in out and "CPU:" in out
+    assert re.search(r"^\| all( \| \d+\.\d%){7} \|$", rows["all"], re.M), rows["all"]  # Datalab's columns too
