@@ -64,6 +64,7 @@ def test_near_duplicates_endpoint_pairs_and_deduplicated_accuracy(served):
     assert Image.open(items[0]["image"]).size == (2 * 128 + 4, 128)
     keep = sim < threshold
     assert f"{(app.test.preds == app.test.labels)[keep].mean():.2%} on the de-duplicated" in summary
+    assert "16 training images nearest in the network's features and the 32 nearest by edge" in summary  # the matcher
 
 
 def test_embedding_near_returns_the_images_closest_to_a_map_point(served):
@@ -164,3 +165,33 @@ def test_test_duplicates_endpoint_shows_each_pair_once_most_similar_first(served
     for item, (i, j), score in zip(items, pairs, scores):
         assert item["caption"].startswith(f"test #{i} ") and f"| test #{j} " in item["caption"]
         assert f"similarity {score:.3f}" in item["caption"]
+
+
+def test_requests_to_different_tabs_never_run_the_model_at_once(served, monkeypatch):
+    """Gradio queues each event listener on its own: without one shared queue, the tabs that fill themselves at page
+    load ran CAMs on one network at once and failed ("cannot call bump_version() on undefined tensor")."""
+    import threading
+    import time
+
+    from cifarlab import views
+
+    app, client = served
+    running, most, lock = [0], [0], threading.Lock()
+    original = views.predictions_view
+
+    def counted(*args, **kwargs):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.3)  # long enough for a second request to start if it may
+        try:
+            return original(*args, **kwargs)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(views, "predictions_view", counted)
+    jobs = [client.submit(api_name=name) for name in ("/mistakes", "/correct", "/mistakes", "/correct")]
+    results = [job.result(timeout=120) for job in jobs]
+    assert all(isinstance(summary, str) and summary for _, summary in results), results  # none failed
+    assert most[0] == 1, f"{most[0]} model requests ran at once"

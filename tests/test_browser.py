@@ -73,7 +73,9 @@ def test_upload_classify_and_screenshot(page_url, tmp_path):
         label_text = page.inner_text("#label")
         page.wait_for_timeout(500)  # let the CAM images paint
         page.screenshot(path=str(shot), full_page=True)
+        errors = page.locator(".toast-body.error").all_inner_texts()  # Gradio's error toasts
         browser.close()
+    assert not errors, errors
     classes = [p.name for p in (root / "test").iterdir() if p.is_dir()]
     assert any(name in label_text for name in classes), label_text  # the page names a class of the checkpoint
     assert any(name in example_label for name in classes), example_label
@@ -121,7 +123,9 @@ def test_data_tabs_fill_themselves_and_answer_clicks_in_a_browser(page_url, tmp_
         show("Compare", "compare", "only A is right", "app_compare.png")
         texts = {i: page.inner_text(f"#{i}") for i in ("label-issues-summary", "duplicates-summary",
                                                         "embedding-summary", "compare-summary")}
+        errors = page.locator(".toast-body.error").all_inner_texts()  # Gradio's error toasts
         browser.close()
+    assert not errors, errors
     assert "test images" in texts["label-issues-summary"]
     assert "mistakes" in texts["embedding-summary"]
     hosts = {urlparse(u).hostname for u in requested if urlparse(u).scheme in ("http", "https", "ws", "wss")}

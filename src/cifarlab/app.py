@@ -99,6 +99,9 @@ THUMB = 128  # pixels: gallery thumbnails
 GRADIO_CACHE_AGE = 3600
 MAP_PIXELS = 760  # side of the embedding map's PNG; a click's pixel coordinates are divided by it
 POLL_S = 1.0  # seconds between the page's progress updates while data is being prepared
+# Every event that runs the model joins one queue: Gradio gives each event listener its own queue otherwise, and two
+# CAMs at once on one network clash in its hooks and autograd ("cannot call bump_version() on undefined tensor").
+ONE_AT_A_TIME = {"concurrency_id": "model", "concurrency_limit": 1}
 # System fonts: the default theme fetches Google Fonts, and the page must request nothing off this machine.
 THEME = gr.themes.Soft(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
 
@@ -559,11 +562,11 @@ def build_app(app: CifarApp) -> gr.Blocks:
             examples_ready = status("examples")
             inputs = [upload, top_k, *cam_inputs]
             outputs = [label, seen, heat, over, faith]
-            run.click(app.classify_image, inputs, outputs, api_name="classify")
-            upload.upload(app.classify_image, inputs, outputs, api_visibility="private")
-            examples_ready.change(app.example_files, None, [examples], api_visibility="private")
+            run.click(app.classify_image, inputs, outputs, api_name="classify", **ONE_AT_A_TIME)
+            upload.upload(app.classify_image, inputs, outputs, api_visibility="private", **ONE_AT_A_TIME)
+            examples_ready.change(app.example_files, None, [examples], api_visibility="private", **ONE_AT_A_TIME)
             picked = examples.select(_example_path, None, [upload], api_visibility="private")
-            picked.then(app.classify_image, inputs, outputs, api_visibility="private")
+            picked.then(app.classify_image, inputs, outputs, api_visibility="private", **ONE_AT_A_TIME)
 
         for kind in ("mistakes", "correct"):
             with gr.Tab("Mistakes" if kind == "mistakes" else "Correct"):
@@ -577,7 +580,7 @@ def build_app(app: CifarApp) -> gr.Blocks:
                 gallery = gr.Gallery(label=kind.capitalize(), columns=6, height="auto", format="png")
                 fn = app.mistakes if kind == "mistakes" else app.correct
                 controls = [true_cls, pred_cls, count, *cam_inputs]
-                show.click(fn, controls, [gallery, summary], api_name=kind)
+                show.click(fn, controls, [gallery, summary], api_name=kind, **ONE_AT_A_TIME)
                 _refresh_on(flag, fn, controls, [gallery, summary], [true_cls, pred_cls, count])
 
         with gr.Tab("Confusion matrix"):
@@ -593,9 +596,9 @@ def build_app(app: CifarApp) -> gr.Blocks:
             cell_gallery = gr.Gallery(columns=6, height="auto", format="png")
             count_cm = gr.Slider(1, 64, value=12, step=1, label="Images")
             matrix.select(app.cell_mistakes, [count_cm, *cam_inputs], [cell_gallery, cell_summary],
-                          api_visibility="private")
+                          api_visibility="private", **ONE_AT_A_TIME)
             flag.change(_when_ready(app.confusion_outputs, 3), [flag], [cm_image, per_class, matrix],
-                        api_visibility="private")
+                        api_visibility="private", **ONE_AT_A_TIME)
 
         with gr.Tab("Likely mislabeled"):
             flag = status("issues")
@@ -607,7 +610,8 @@ def build_app(app: CifarApp) -> gr.Blocks:
             li_gallery = gr.Gallery(label="image | CAM of the given label | CAM of the suggested label", columns=3,
                                     height="auto", format="png", object_fit="contain")
             controls = [*filters, *cam_inputs]
-            li_show.click(app.label_issue_gallery, controls, [li_gallery, li_summary], api_name="label_issues")
+            li_show.click(app.label_issue_gallery, controls, [li_gallery, li_summary],
+                          api_name="label_issues", **ONE_AT_A_TIME)
             _refresh_on(flag, app.label_issue_gallery, controls, [li_gallery, li_summary], filters)
 
         with gr.Tab("Unusual images"):
@@ -616,7 +620,8 @@ def build_app(app: CifarApp) -> gr.Blocks:
                         "network's features: pictures that may belong to no class at all, whatever their label.")
             filters, out_show, out_summary = _split_filters(class_choices, "outliers")
             out_gallery = gr.Gallery(label="most unusual first", columns=6, height="auto", format="png")
-            out_show.click(app.outlier_gallery, filters, [out_gallery, out_summary], api_name="outliers")
+            out_show.click(app.outlier_gallery, filters, [out_gallery, out_summary],
+                           api_name="outliers", **ONE_AT_A_TIME)
             _refresh_on(flag, app.outlier_gallery, filters, [out_gallery, out_summary], filters)
 
         with gr.Tab("Near-duplicates"):
@@ -631,7 +636,7 @@ def build_app(app: CifarApp) -> gr.Blocks:
             dup_gallery = gr.Gallery(label="test image | training image", columns=4, height="auto", format="png",
                                      object_fit="contain")
             dup_show.click(app.duplicate_gallery, [dup_threshold, dup_count], [dup_gallery, dup_summary],
-                           api_name="near_duplicates")
+                           api_name="near_duplicates", **ONE_AT_A_TIME)
             _refresh_on(flag, app.duplicate_gallery, [dup_threshold, dup_count], [dup_gallery, dup_summary],
                         [dup_threshold, dup_count])
             gr.Markdown("**Within the test set**: pairs of test images that are one photograph twice.")
@@ -639,7 +644,7 @@ def build_app(app: CifarApp) -> gr.Blocks:
             pair_gallery = gr.Gallery(label="test image | test image", columns=4, height="auto", format="png",
                                       object_fit="contain")
             gr.Button(visible=False).click(app.test_duplicate_gallery, [dup_threshold, dup_count],
-                                           [pair_gallery, pair_summary], api_name="test_duplicates")
+                                           [pair_gallery, pair_summary], api_name="test_duplicates", **ONE_AT_A_TIME)
             _refresh_on(flag, app.test_duplicate_gallery, [dup_threshold, dup_count], [pair_gallery, pair_summary],
                         [dup_threshold, dup_count])
 
@@ -657,13 +662,14 @@ def build_app(app: CifarApp) -> gr.Blocks:
                     map_summary = gr.Markdown(elem_id="embedding-summary")
                     map_gallery = gr.Gallery(columns=4, height="auto", format="png")
             map_image.select(app.map_click, [map_count, *cam_inputs], [map_gallery, map_summary],
-                             api_visibility="private")
+                             api_visibility="private", **ONE_AT_A_TIME)
             near_x = gr.Number(value=0.5, visible=False)
             near_y = gr.Number(value=0.5, visible=False)
             gr.Button(visible=False).click(app.embedding_near, [near_x, near_y, map_count, *cam_inputs],
-                                           [map_gallery, map_summary], api_name="embedding_near")
-            color_by.change(app.embedding_map, [color_by], [map_image], api_visibility="private")
-            flag.change(_when_ready(app.embedding_map, 1), [flag, color_by], [map_image], api_visibility="private")
+                                           [map_gallery, map_summary], api_name="embedding_near", **ONE_AT_A_TIME)
+            color_by.change(app.embedding_map, [color_by], [map_image], api_visibility="private", **ONE_AT_A_TIME)
+            flag.change(_when_ready(app.embedding_map, 1), [flag, color_by], [map_image],
+                        api_visibility="private", **ONE_AT_A_TIME)
 
         if app.other is not None:
             with gr.Tab("Compare"):
@@ -680,8 +686,10 @@ def build_app(app: CifarApp) -> gr.Blocks:
                 cmp_gallery = gr.Gallery(label="image | A's CAM | B's CAM", columns=3, height="auto", format="png",
                                          object_fit="contain")
                 controls = [cmp_which, cmp_count, *cam_inputs]
-                cmp_show.click(app.compare_gallery, controls, [cmp_gallery, cmp_summary], api_name="compare")
-                flag.change(_when_ready(app.compare_table, 1), [flag], [cmp_table], api_visibility="private")
+                cmp_show.click(app.compare_gallery, controls, [cmp_gallery, cmp_summary],
+                               api_name="compare", **ONE_AT_A_TIME)
+                flag.change(_when_ready(app.compare_table, 1), [flag], [cmp_table],
+                            api_visibility="private", **ONE_AT_A_TIME)
                 _refresh_on(flag, app.compare_gallery, controls, [cmp_gallery, cmp_summary], [cmp_which, cmp_count])
 
         with gr.Tab("Training"):
@@ -736,10 +744,10 @@ def _refresh_on(flag: gr.State, fn, inputs: list, outputs: list, controls: list)
     """Fill a gallery when its data gets ready, and again whenever one of its ``controls`` changes (a slider when it
     is let go), so that no "Show" click is needed."""
     handler = _when_ready(fn, len(outputs))
-    flag.change(handler, [flag, *inputs], outputs, api_visibility="private")
+    flag.change(handler, [flag, *inputs], outputs, api_visibility="private", **ONE_AT_A_TIME)
     for control in controls:
         event = control.release if isinstance(control, gr.Slider) else control.change
-        event(handler, [flag, *inputs], outputs, api_visibility="private")
+        event(handler, [flag, *inputs], outputs, api_visibility="private", **ONE_AT_A_TIME)
 
 
 def _example_path(evt: gr.SelectData) -> str:
@@ -752,7 +760,7 @@ def launch(app: CifarApp, host: str = "127.0.0.1", port: int | None = 7860, bloc
     """Serve the page on ``host:port`` (loopback by default, never a public share link), then prepare the data tabs
     in the background (unless ``prepare`` is False: Classify alone, as the latency benchmark measures it)."""
     demo = build_app(app)
-    demo.queue(default_concurrency_limit=1)  # one model, two cores: requests run one at a time, in order
+    demo.queue(default_concurrency_limit=1)  # and ONE_AT_A_TIME across events: one model, two cores
     allowed = [str(p.parent) for p in app.training_files().values() if p]
     demo.launch(server_name=host, server_port=port, share=False, max_file_size=MAX_IMAGE_BYTES, show_error=True,
                 ssr_mode=False, theme=THEME, allowed_paths=allowed, prevent_thread_lock=True,

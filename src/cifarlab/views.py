@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from cifarlab import cam as cams
+from cifarlab import duplicates as dup
 from cifarlab.audit import DataAudit, LabelIssues, accuracy, side_by_side
 from cifarlab.inference import Predictions
 from cifarlab.metrics import class_accuracy
@@ -195,8 +196,9 @@ def duplicates_view(audit: DataAudit, threshold: float, count: int = 12, size: i
                f"on the de-duplicated test set ({int(keep.sum())} images)")
     if len(dups):
         summary += f", {accuracy(test.preds, test.labels, ~keep):.2%} on the duplicates themselves"
-    summary += (". Similarity: pixel correlation with the closest of the 5 training images nearest in the network's "
-                "features.")
+    summary += (f". Similarity: the best correlation of the two images' band-passed grey levels over shifts of up to "
+                f"{dup.SHIFT} pixels, zooms and the mirror, against the {dup.FEATURE_CANDIDATES} training images "
+                f"nearest in the network's features and the {dup.EDGE_CANDIDATES} nearest by edge directions.")
     return View(panels, captions, summary)
 
 
