@@ -15,16 +15,11 @@ plain step's: the compute a selective step costs.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
-import time
-import warnings
 from dataclasses import asdict
-from pathlib import Path
 
 import torch
-
-FAST = Path(__file__).resolve().parents[1] / "configs" / "fast.yaml"
+from steps import autocast_for, batches, fast_recipe, in_turns
 
 
 def main() -> None:
@@ -37,23 +32,11 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=None, help="default: the recipe's (1,536)")
     opts = parser.parse_args()
 
-    from cifarlab.commands.fit import CifarLabCLI
-    from cifarlab.memory import tune_malloc
     from cifarlab.precision import cpu_info, fastest_precision
     from cifarlab.selective import SelectiveBackpropConfig, evaluating
 
-    tune_malloc()
-    warnings.filterwarnings("ignore", message=".*self.trainer. reference is not registered.*")  # no Trainer here
-    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")  # this script's own flags, not its
-    torch.manual_seed(0)
-    cli = CifarLabCLI(args=["--config", str(FAST), "--data.root", opts.root, "--trainer.logger", "false",
-                            *(["--data.batch_size", str(opts.batch_size)] if opts.batch_size else [])],
-                      run=False, save_config_callback=None)
-    model, dm = cli.model, cli.datamodule
-    dm.setup("fit")
+    model, dm = fast_recipe(opts.root, *(["--data.batch_size", str(opts.batch_size)] if opts.batch_size else []))
     batch_size = min(dm.batch_size, len(dm.train_set))
-    # No Trainer: the schedule's length is set, so that the window is known; every step of it selects.
-    model.hparams.schedule = {**model.hparams.schedule, "total_steps": 1000}
     plain = asdict(SelectiveBackpropConfig())
     kinds = {"plain step": plain}
     for scale in opts.scale_factor:
@@ -62,13 +45,7 @@ def main() -> None:
     model.train()
     optimizer = model.make_optimizer()
     precision = fastest_precision("cpu")
-    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision.startswith("bf16") \
-        else contextlib.nullcontext
-    gen = torch.Generator().manual_seed(0)
-
-    def batch():
-        x, y = dm.train_set.batch(torch.randperm(len(dm.train_set), generator=gen)[:batch_size].tolist())
-        return (dm.batch_augment(x, None) if dm.batch_augment is not None else x), y
+    autocast = autocast_for(precision)
 
     def step(selective: dict, b) -> None:
         model.hparams.selective_backprop = selective
@@ -89,14 +66,7 @@ def main() -> None:
     timed = {name: (lambda b, s=s: step(s, b)) for name, s in kinds.items()}
     timed["scoring forward alone (whole batch, eval, no grad)"] = scoring_forward
     timed["training forward alone (whole batch, no backward)"] = training_forward
-    seconds: dict[str, list[float]] = {name: [] for name in timed}
-    for round_ in range(opts.repeats + 1):
-        for name, fn in timed.items():
-            b = batch()
-            t0 = time.perf_counter()
-            fn(b)
-            if round_:  # round 0 builds the kernels for each shape
-                seconds[name].append(time.perf_counter() - t0)
+    seconds, _ = in_turns(timed, batches(dm, batch_size), opts.repeats)
     model.hparams.selective_backprop = plain
 
     print(f"CPU: {cpu_info()[0]}; {torch.get_num_threads()} threads; {precision}; batch {batch_size}; "

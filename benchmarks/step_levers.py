@@ -26,17 +26,12 @@ and oneDNN's against the exact bf16 one.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import statistics
-import time
-import warnings
-from pathlib import Path
 
 import torch
+from steps import autocast_for, batches, fast_recipe, in_turns
 from torch import nn
-
-FAST = Path(__file__).resolve().parents[1] / "configs" / "fast.yaml"
 
 
 class MaxPoolFourMaxima(nn.Module):
@@ -80,31 +75,16 @@ def main() -> None:
     parser.add_argument("--no_compile", action="store_true", help="leave out torch.compile")
     opts = parser.parse_args()
 
-    from cifarlab.commands.fit import CifarLabCLI
-    from cifarlab.memory import tune_malloc
     from cifarlab.precision import cpu_info, fastest_precision
 
-    tune_malloc()
-    warnings.filterwarnings("ignore", message=".*self.trainer. reference is not registered.*")  # no Trainer here
-    torch.manual_seed(0)
-    cli = CifarLabCLI(args=["--config", str(FAST), "--data.root", opts.root, "--trainer.logger", "false"],
-                      run=False, save_config_callback=None)
-    model, dm = cli.model, cli.datamodule
-    dm.setup("fit")
+    model, dm = fast_recipe(opts.root)
     dm.setup("test")
     x, _ = dm.train_set.batch(range(min(5000, len(dm.train_set))))
     model.net.init_whitening(model.normalize(x))  # as fit's on_fit_start
     model.net.whiten.bias.requires_grad_(False)  # as in all but the first 6 of the recipe's 243 steps
-    model.hparams.schedule = {**model.hparams.schedule, "total_steps": 1000}  # no Trainer: the schedule's length
     precision = fastest_precision("cpu")
-    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision.startswith("bf16") \
-        else contextlib.nullcontext
+    autocast = autocast_for(precision)
     batch_size = min(dm.batch_size, len(dm.train_set))
-    gen = torch.Generator().manual_seed(0)
-
-    def batch():
-        x, y = dm.train_set.batch(torch.randperm(len(dm.train_set), generator=gen)[:batch_size].tolist())
-        return (dm.batch_augment(x, None) if dm.batch_augment is not None else x), y
 
     kinds = {"as shipped": model}
     for name, pool in (("max-pool without indices, 4 maxima", MaxPoolFourMaxima),
@@ -134,17 +114,8 @@ def main() -> None:
         (grad_got,) = torch.autograd.grad(got.square().sum(), probe)
         assert torch.equal(got, want) and torch.allclose(grad_got, grad_want), pool.__name__
 
-    seconds: dict[str, list[float]] = {name: [] for name in kinds}
-    first: dict[str, float] = {}
-    for round_ in range(opts.repeats + 1):
-        for name in kinds:
-            b = batch()
-            t0 = time.perf_counter()
-            step(name, b)
-            if round_:  # round 0 builds the kernels for each shape (and compiles)
-                seconds[name].append(time.perf_counter() - t0)
-            else:
-                first[name] = time.perf_counter() - t0
+    timed = {name: (lambda b, name=name: step(name, b)) for name in kinds}
+    seconds, first = in_turns(timed, batches(dm, batch_size), opts.repeats)
 
     print(f"CPU: {cpu_info()[0]}; torch {torch.__version__}; {torch.get_num_threads()} threads; {precision}; "
           f"batch {batch_size}; median of {opts.repeats} rounds")
