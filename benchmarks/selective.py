@@ -80,4 +80,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from cifarlab.errors import CifarlabError
+
+    try:
+        main()
+    except CifarlabError as error:  # bad data or flags: one line, as the commands say it
+        raise SystemExit(f"{__file__.rsplit('/', 1)[-1]}: error: {error}") from None

@@ -207,3 +207,13 @@ def test_duplicates_benchmark_plants_edited_copies_and_scores_both_searches(smok
     assert {"shift", "crop", "flip", "colour", "jpeg", "combined", "all"} <= set(rows)
     assert "threshold: cifarlab 0.92, baseline 0.90" in out and "CPU:" in out
     assert re.search(r"^\| all( \| \d+\.\d%){7} \|$", rows["all"], re.M), rows["all"]  # Datalab's columns too
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["duplicates.py", "step_levers.py", "selective.py"])
+def test_benchmarks_say_what_is_wrong_with_the_data_in_one_line(script, tmp_path):
+    proc = subprocess.run([sys.executable, f"benchmarks/{script}", "--data.root", str(tmp_path / "missing"),
+                           *(["--ckpt", "unused.ckpt"] if script == "duplicates.py" else [])],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"{script}: error: data root "), proc.stderr[-500:]
