@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from cifarlab import audit
+from cifarlab import audit, precision
 from cifarlab.errors import CifarlabError
 
 
@@ -106,11 +106,10 @@ def test_features_are_the_head_input_and_cached(smoke_run, tmp_path):
     images = rng.integers(0, 256, (30, 32, 32, 3), dtype=np.uint8)
     feats = audit.penultimate_features(model, images, batch_size=7)
     x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
-    with torch.no_grad():
-        logits = model(x)
-    head = model.net.fc
-    scale = getattr(model.net, "logit_scale", 1.0)
-    assert torch.allclose(head(torch.from_numpy(feats)) * scale, logits, atol=1e-4)
+    with torch.no_grad(), precision.autocast(model.device):  # the features' precision (bf16 where native)
+        logits = model(x).float()
+        from_features = model.net.fc(torch.from_numpy(feats)).float() * getattr(model.net, "logit_scale", 1.0)
+    assert torch.allclose(from_features, logits, atol=1e-4 + 1e-2 * logits.abs().max().item())
     train = rng.integers(0, 256, (50, 32, 32, 3), dtype=np.uint8)
 
     def audit_once():
@@ -138,6 +137,20 @@ def test_outlier_scores_rank_images_unlike_the_training_set_lowest():
     assert train_scores.shape == (300,) and test_scores.shape == (44,)
     assert set(np.argsort(test_scores)[:4]) == {40, 41, 42, 43}
     assert ((test_scores >= 0) & (test_scores <= 1)).all()
+
+
+def test_outlier_scores_equal_cleanlabs_out_of_distribution():
+    """The fast neighbour search feeds cleanlab's own score functions: the result must stay OutOfDistribution's."""
+    from cleanlab.outlier import OutOfDistribution
+
+    rng = np.random.default_rng(3)
+    train = rng.normal(0, 1, (700, 24)).astype(np.float32) + 0.5
+    test = rng.normal(0, 1.5, (90, 24)).astype(np.float32) + 0.5
+    ours_train, ours_test = audit.outlier_scores(train, test)
+    centred = train - train.mean(0, keepdims=True, dtype=np.float64).astype(np.float32)
+    ood = OutOfDistribution(params={"k": audit.OUTLIER_NEIGHBOURS})
+    assert np.allclose(ours_train, ood.fit_score(features=centred, verbose=False), atol=1e-5)
+    assert np.allclose(ours_test, ood.score(features=test - (train - centred)[0]), atol=1e-5)
 
 
 def test_duplicates_within_the_test_set_pair_copies_and_never_an_image_with_itself():

@@ -106,6 +106,18 @@ def test_validate_runs_on_the_validation_split(image_folder, tmp_path, capsys):
     assert printed == pytest.approx(_recount(ckpt, image_folder, "val"))  # the 20 validation images, not the test's
 
 
+def test_ckpt_path_last_rebuilds_the_network_the_checkpoint_holds(image_folder, tmp_path):
+    """`--ckpt_path last` reads the model's settings from the checkpoint it resolves to, as an explicit path does:
+    the command without the run's --model flags tests the narrow network it trained, not the recipe's default."""
+    run = _fit(image_folder, tmp_path / "runs")
+    main(["test", "--config", SMOKE, "--data.root", str(image_folder), "--run.dir", str(tmp_path / "runs"),
+          "--trainer.precision", "32-true", "--ckpt_path", "last"])
+    tested = sorted((tmp_path / "runs" / "smoke").glob("version_*"))[-1]
+    metrics = json.loads((tested / "test_metrics.json").read_text())
+    assert Path(metrics["ckpt_path"]) == run / "checkpoints" / "last.ckpt"
+    assert metrics["test_acc"] == pytest.approx(_recount(run / "checkpoints" / "last.ckpt", image_folder))
+
+
 def test_lr_find_writes_plot_and_a_finite_suggestion(image_folder, tmp_path, capsys):
     out = tmp_path / "lr"
     # The smoke recipe's network: the narrow one's loss has not reached its minimum late enough in a sweep this short

@@ -186,7 +186,8 @@ def edge_histograms(images: np.ndarray, views: tuple[tuple[float, int, int], ...
     return [torch.cat(o) if o else torch.zeros(0, size, dtype=torch.bfloat16) for o in out]
 
 
-def _centred_unit(x: np.ndarray, mean: torch.Tensor) -> torch.Tensor:
+def centred_unit(x: np.ndarray, mean: torch.Tensor) -> torch.Tensor:
+    """Rows of ``x`` ``(N, D)`` less ``mean`` ``(1, D)``, scaled to length 1: their dot products are cosines."""
     return F.normalize(torch.from_numpy(np.asarray(x, dtype=np.float32)) - mean, dim=1)
 
 
@@ -195,14 +196,14 @@ def candidates(query_images: np.ndarray, base_images: np.ndarray, query_features
     """Indices ``(Q, FEATURE_CANDIDATES + EDGE_CANDIDATES)`` into the base of each query's candidates, -1 where one
     is found twice (and, ``within``, for the query itself)."""
     mean = torch.from_numpy(base_features.mean(0, keepdims=True, dtype=np.float64).astype(np.float32))
-    base_f = _centred_unit(base_features, mean)
+    base_f = centred_unit(base_features, mean)
     base_views = edge_histograms(base_images, HISTOGRAM_VIEWS)
     query_views = [edge_histograms(query_images, mirror=mirror)[0] for mirror in (False, True)]
     k_features, k_edges = min(FEATURE_CANDIDATES, len(base_f)), min(EDGE_CANDIDATES, len(base_f))
     found = []
     for start in range(0, len(query_images), QUERY_BATCH):
         rows = slice(start, start + QUERY_BATCH)
-        by_features = _centred_unit(query_features[rows], mean) @ base_f.T
+        by_features = centred_unit(query_features[rows], mean) @ base_f.T
         by_edges = None
         for q in query_views:
             for b in base_views:

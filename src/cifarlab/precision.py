@@ -167,3 +167,11 @@ def choose_precision(accelerator: str | None = "auto") -> Choice:
 def fastest_precision(accelerator: str | None = "auto") -> str:
     """Lightning precision string for ``accelerator`` (see ``choose_precision``)."""
     return choose_precision(accelerator).precision
+
+
+def autocast(device: torch.device | str) -> contextlib.AbstractContextManager:
+    """Autocast to the precision ``choose_precision`` picks for ``device`` (none where that is fp32): for forward
+    passes whose outputs tolerate bf16's rounding, such as features searched for neighbours."""
+    device = torch.device(device)
+    dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(choose_precision(device.type).precision)
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()

@@ -88,7 +88,14 @@ class CifarLabCLI(LightningCLI):
         sub = self.config.get("subcommand")
         ckpt_path = self.config[sub].get("ckpt_path") if sub else None
         self.ckpt = None
-        if not ckpt_path or ckpt_path == "last" or not Path(ckpt_path).expanduser().is_file():
+        if ckpt_path == "last":  # the run's newest last.ckpt; none found is an error later, with the others
+            cfg = self.config[sub]
+            try:
+                ckpt_path = str(resolve_last(Path(run_root(cfg["run"]["dir"], cfg["trainer"].get("default_root_dir")))
+                                             / cfg["run"]["name"]))
+            except CifarlabError:
+                return
+        if not ckpt_path or not Path(ckpt_path).expanduser().is_file():
             return
         self.ckpt = Checkpoint.read(ckpt_path)
         if sub == "fit":
