@@ -5,12 +5,13 @@
 
 Starts `cifarlab app` as its own process, as a user would, and measures from the moment the command starts:
 the first HTTP answer of the page (``GET /``), the first ``/classify`` answer, then, polling ``/status``, when each
-background step is ready (the test set, its predictions, label issues, features, the map, the duplicate search)
-and so when each data tab can fill itself. ``cold`` removes this checkpoint's cached predictions, features, map
-and duplicate search from the data's cache folder first (the decoded images stay: they are decoded once per data
-set, not per checkpoint); ``warm`` runs right after with every cache in place. A ``last.ckpt`` whose weights
-``cifarlab fit`` tested reuses fit's ``test_predictions.npz`` in both. ``--page_repeats N`` then starts the app N
-more times and times the first page alone (median, min, max): its seconds vary by a second from start to start.
+background step is ready (the test set, its predictions, label issues, features, the map, the outlier scores,
+the duplicate searches) and so when each data tab can fill itself. ``cold`` removes this checkpoint's cached
+predictions, features, map, outlier scores and duplicate searches from the data's cache folder first (the decoded
+images stay: they are decoded once per data set, not per checkpoint); ``warm`` runs right after with every cache in
+place. A ``last.ckpt`` whose weights ``cifarlab fit`` tested reuses fit's ``test_predictions.npz`` in both.
+``--page_repeats N`` then starts the app N more times and times the first page alone (median, min, max): its
+seconds vary by a second from start to start.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 TABS = {"Mistakes, Correct, Confusion matrix": "test", "Likely mislabeled": "issues",
-        "Embedding map": "map", "Near-duplicates": "duplicates", "Unusual images": "outliers"}
+        "Embedding map": "map", "Unusual images": "outliers", "Near-duplicates": "duplicates"}
 
 
 def cpu_line() -> str:

@@ -92,8 +92,8 @@ def read_verdicts(path: str) -> dict[str, str]:
 
 def draw_pages(cells: list[tuple[str, str, str, int]], images: np.ndarray, out: Path, prefix: str,
                first_number: int = 1) -> None:
-    """Pages of ``PER_PAGE`` cells ``(title, given, suggested, index)``: the image at ``CELL`` pixels, the title,
-    and ``given->suggested`` in red."""
+    """Pages of ``PER_PAGE`` cells ``(title, given, other, index)``: the image at ``CELL`` pixels, the title, and
+    ``given->other`` in red (cleanlab's suggested class; on blind pages the model's prediction)."""
     for first in range(0, len(cells), PER_PAGE):
         page = cells[first:first + PER_PAGE]
         rows = -(-len(page) // COLUMNS)

@@ -115,8 +115,9 @@ def test_features_are_the_head_input_and_cached(smoke_run, tmp_path):
     def audit_once():
         test_feats = audit.cached_features(model, ckpt, images, "test", tmp_path)
         train_feats = audit.cached_features(model, ckpt, train, "train", tmp_path)
-        map2d = audit.cached_map(test_feats, ckpt, "pca", tmp_path)
-        return test_feats, map2d, audit.cached_duplicates(images, train, test_feats, train_feats, ckpt, tmp_path)
+        key = audit.features_key(model, ckpt)
+        map2d = audit.cached_map(test_feats, key, "pca", tmp_path)
+        return test_feats, map2d, audit.cached_duplicates(images, train, test_feats, train_feats, key, tmp_path)
 
     first = audit_once()
     assert sorted(p.name.split("-")[0] for p in tmp_path.glob("*.npz")) == ["copies", "features", "features",
@@ -137,14 +138,18 @@ def test_outlier_scores_rank_images_unlike_the_training_set_lowest():
     assert train_scores.shape == (300,) and test_scores.shape == (44,)
     assert set(np.argsort(test_scores)[:4]) == {40, 41, 42, 43}
     assert ((test_scores >= 0) & (test_scores <= 1)).all()
+    with pytest.raises(CifarlabError, match="at least 2 training images"):
+        audit.outlier_scores(train[:1], typical)
 
 
-def test_outlier_scores_equal_cleanlabs_out_of_distribution():
+def test_outlier_scores_equal_cleanlabs_out_of_distribution(monkeypatch):
     """The fast neighbour search feeds cleanlab's own score functions: the result must stay OutOfDistribution's."""
     from cleanlab.outlier import OutOfDistribution
 
+    monkeypatch.setattr(audit, "OUTLIER_BATCH", 64)  # several batches: each leaves its own rows out
     rng = np.random.default_rng(3)
     train = rng.normal(0, 1, (700, 24)).astype(np.float32) + 0.5
+    train[650] = train[3]  # an exact copy: its nearest neighbour is at distance 0
     test = rng.normal(0, 1.5, (90, 24)).astype(np.float32) + 0.5
     ours_train, ours_test = audit.outlier_scores(train, test)
     centred = train - train.mean(0, keepdims=True, dtype=np.float64).astype(np.float32)

@@ -190,13 +190,19 @@ def test_flagged_grid_shows_cleanlabs_ranking(image_folder, tmp_path):
 def test_flagged_grid_ranks_the_test_set_from_an_ensemble_and_counts_verdicts(smoke_run, tmp_path):
     root, run, ckpt = smoke_run
     (tmp_path / "verdicts.txt").write_text("# index verdict\n" + "".join(f"{i} E\n" for i in range(0, 18, 2)))
+    (tmp_path / "second.txt").write_text("".join(f"{i} C\n" for i in range(0, 18, 2)))  # a reviewer who disagrees
     out = _run("benchmarks/flagged_grid.py", "--data.root", root, "--ckpt", ckpt, run / "checkpoints" / "last.ckpt",
-               "--count", "5", "--out", tmp_path / "grid", "--verdicts", tmp_path / "verdicts.txt")
+               "--count", "5", "--out", tmp_path / "grid", "--verdicts", tmp_path / "verdicts.txt",
+               tmp_path / "second.txt")
     assert "the mean of 2 checkpoint(s)" in out and "test images" in out
     shown = [int(line.split("#")[1].split()[0]) for line in out.splitlines() if line.startswith("   ")]
     if shown:
         errors = sum(i % 2 == 0 for i in shown)
         assert f"ranks 1-{len(shown)}: " in out and (f"{errors} clear label errors" in out or errors == 0)
+        assert f"the two reviewers agree on 0 of {errors} images" in out
+    out = _run("benchmarks/flagged_grid.py", "--data.root", root, "--ckpt", ckpt, "--out", tmp_path / "blind",
+               "--blind", tmp_path / "verdicts.txt")
+    assert "9 images judged" in out and (tmp_path / "blind" / "blind_1-9.png").exists()
 
 
 @pytest.mark.slow

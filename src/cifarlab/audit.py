@@ -46,7 +46,7 @@ def penultimate_features(model, images: np.ndarray, batch_size: int = FEATURE_BA
     """Features ``(N, D)`` float32 of uint8 images ``(N, 32, 32, 3)``: the input of the network's final ``fc`` layer
     (after global pooling), captured by a forward pre-hook so no network needs a features method. Computed in the
     precision training would pick on this device (bf16 where it is native): they only rank neighbours, and bf16
-    moves a feature vector's direction by a cosine of under 5e-4 (docs/results.md, "App start-up"); ``fp32``: in
+    moves a feature vector's direction by a cosine of under 5e-4 (docs/results.md, "Audit speed"); ``fp32``: in
     fp32 whatever the device."""
     captured: list[torch.Tensor] = []
     handle = model.net.fc.register_forward_pre_hook(lambda _m, inputs: captured.append(inputs[0].float().cpu()))
@@ -123,19 +123,25 @@ def _cached(path: Path, key: str, compute: Callable[[], np.ndarray]) -> np.ndarr
     return value
 
 
+def features_key(model, ckpt_path: str | Path) -> str:
+    """The cache-name key of a checkpoint's features and of all computed from them: the checkpoint file and the
+    precision features are computed in on the model's device (a cache folder may be shared by two machines)."""
+    return f"{file_key(ckpt_path)}-{precision.choose_precision(torch.device(model.device).type).precision}"
+
+
 def cached_features(model, ckpt_path: str | Path, images: np.ndarray, split: str, cache_dir: Path,
                     report: Report | None = None) -> np.ndarray:
     """``penultimate_features`` of a split, computed once per checkpoint file and cached in ``cache_dir``."""
-    path = Path(cache_dir) / f"features-{file_key(ckpt_path)}-{split}-{len(images)}.npz"
+    path = Path(cache_dir) / f"features-{features_key(model, ckpt_path)}-{split}-{len(images)}.npz"
     desc = f"features of {len(images)} {split} images (once per checkpoint)"
     feats = _cached(path, "features", lambda: penultimate_features(model, images, desc=desc, report=report)
                     .astype(np.float16))
     return feats.astype(np.float32)
 
 
-def cached_map(features: np.ndarray, ckpt_path: str | Path, projection: str, cache_dir: Path) -> np.ndarray:
-    """``project_2d`` of a checkpoint's test features, computed once and cached in ``cache_dir``."""
-    path = Path(cache_dir) / f"map-{file_key(ckpt_path)}-{projection}-{len(features)}.npz"
+def cached_map(features: np.ndarray, key: str, projection: str, cache_dir: Path) -> np.ndarray:
+    """``project_2d`` of a checkpoint's test features (``features_key``), computed once and cached in ``cache_dir``."""
+    path = Path(cache_dir) / f"map-{key}-{projection}-{len(features)}.npz"
 
     def compute():
         print(f"projecting {len(features)} test images to 2-D ({projection}, once per checkpoint) ...", flush=True)
@@ -145,11 +151,11 @@ def cached_map(features: np.ndarray, ckpt_path: str | Path, projection: str, cac
 
 
 def cached_duplicates(test_images: np.ndarray, train_images: np.ndarray | None, test_features: np.ndarray,
-                      train_features: np.ndarray | None, ckpt_path: str | Path, cache_dir: Path,
+                      train_features: np.ndarray | None, key: str, cache_dir: Path,
                       report: Report | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """``match_duplicates``, computed once per checkpoint and cached in ``cache_dir``."""
+    """``match_duplicates``, computed once per checkpoint's features (``features_key``) and cached in ``cache_dir``."""
     against = "within" if train_images is None else len(train_images)
-    path = Path(cache_dir) / f"copies-{file_key(ckpt_path)}-{len(test_images)}-{against}.npz"
+    path = Path(cache_dir) / f"copies-{key}-{len(test_images)}-{against}.npz"
     pairs = _cached(path, "pairs", lambda: np.stack([a.astype(np.float64) for a in match_duplicates(
         test_images, train_images, test_features, train_features, report)]))
     return pairs[0].astype(np.int64), pairs[1].astype(np.float32)
@@ -160,12 +166,15 @@ def outlier_scores(train_features: np.ndarray, test_features: np.ndarray) -> tup
     """cleanlab's out-of-distribution scores in [0, 1] (low = unlike the training set) of the training images (each
     against the others) and of the test images, from the network's features: the mean cosine distance to the
     ``OUTLIER_NEIGHBOURS`` nearest training images, turned into a score by ``cleanlab.outlier``'s own functions,
-    exactly as ``OutOfDistribution`` does (a test keeps them equal). The neighbours come from one matrix product per
-    batch instead of scikit-learn's cosine search, which OutOfDistribution also runs twice per call: 8x less time on
-    50,000 images. Features are centred on the training mean first, as for the duplicate search (uncentred ReLU
-    features all have cosines near 1)."""
+    as ``OutOfDistribution`` does (a test keeps them equal to 1e-5). The neighbours come from one matrix product per
+    batch instead of the scikit-learn search OutOfDistribution runs: 9x less time (docs/results.md, "Audit speed").
+    Features are centred on the training mean first, as for the duplicate search (uncentred ReLU features all have
+    cosines near 1)."""
     from cleanlab.outlier import correct_precision_errors, transform_distances_to_scores  # the app extra
 
+    if len(train_features) < 2:
+        raise CifarlabError(f"outlier scores need at least 2 training images, not {len(train_features)}: "
+                            "add training images to the data folder")
     mean = torch.from_numpy(train_features.mean(0, keepdims=True, dtype=np.float64).astype(np.float32))
     k = max(1, min(OUTLIER_NEIGHBOURS, len(train_features) - 1))
     base = duplicates.centred_unit(train_features, mean)
@@ -338,7 +347,8 @@ def write_train_oof(cache_dir: Path, recipe: str, probs: np.ndarray, labels: np.
 class DataAudit:
     """Everything the data tabs of the app and the report show for one checkpoint, filled step by step (``steps``,
     in the order the tabs need them; ``run`` does them all): cleanlab's label issues of the test split and, once
-    ``cifarlab audit`` has run, of the training split; the test features and their 2-D map; near-duplicates."""
+    ``cifarlab audit`` has run, of the training split; the test features and their 2-D map; the outlier scores of
+    both splits; near-duplicates against the training set and within the test set."""
 
     model: object
     ckpt_path: Path
@@ -413,24 +423,30 @@ class DataAudit:
                                              report)
 
     def find_map(self, report: Report | None = None) -> None:
-        self.map2d = cached_map(self.test_features, self.ckpt_path, self.projection, self.cache_dir)
+        self.map2d = cached_map(self.test_features, features_key(self.model, self.ckpt_path), self.projection,
+                                self.cache_dir)
+
+    def find_train_features(self, report: Report | None = None) -> None:
+        if self.train_features is None:
+            self.train_features = cached_features(self.model, self.ckpt_path, self.train_images, "train",
+                                                  self.cache_dir, report)
 
     def find_outliers(self, report: Report | None = None) -> None:
-        self.train_features = cached_features(self.model, self.ckpt_path, self.train_images, "train",
-                                              self.cache_dir, report)
-        path = Path(self.cache_dir) / (f"outliers-{file_key(self.ckpt_path)}-{len(self.test_features)}-"
-                                       f"{len(self.train_features)}.npz")
+        self.find_train_features(report)
+        path = Path(self.cache_dir) / (f"outliers-{features_key(self.model, self.ckpt_path)}-"
+                                       f"{len(self.test_features)}-{len(self.train_features)}.npz")
         scores = _cached(path, "scores", lambda: np.concatenate(
             outlier_scores(self.train_features, self.test_features)))
         n_train = len(self.train_features)
         self.outliers = {"test": scores[n_train:], "train": scores[:n_train]}
 
     def find_duplicates(self, report: Report | None = None) -> None:
+        self.find_train_features(report)
+        key = features_key(self.model, self.ckpt_path)
         self.nearest, self.similarity = cached_duplicates(self.test.images, self.train_images, self.test_features,
-                                                          self.train_features, self.ckpt_path, self.cache_dir,
-                                                          report)
+                                                          self.train_features, key, self.cache_dir, report)
         self.test_nearest, self.test_similarity = cached_duplicates(self.test.images, None, self.test_features, None,
-                                                                    self.ckpt_path, self.cache_dir, report)
+                                                                    key, self.cache_dir, report)
 
     def most_unusual(self, split: str = "test") -> np.ndarray:
         """Indices of ``split``, least like the training set first (lowest outlier score)."""

@@ -87,12 +87,12 @@ class CifarLabCLI(LightningCLI):
         # refuses to continue another network, and checkpoints written with flat model arguments still load.
         sub = self.config.get("subcommand")
         ckpt_path = self.config[sub].get("ckpt_path") if sub else None
-        self.ckpt = None
-        if ckpt_path == "last":  # the run's newest last.ckpt; none found is an error later, with the others
+        self.ckpt = self.last_ckpt = None
+        if ckpt_path == "last":  # the run's newest last.ckpt, found once; none found is an error later, with the others
             cfg = self.config[sub]
             try:
-                ckpt_path = str(resolve_last(Path(run_root(cfg["run"]["dir"], cfg["trainer"].get("default_root_dir")))
-                                             / cfg["run"]["name"]))
+                ckpt_path = self.last_ckpt = str(resolve_last(
+                    Path(run_root(cfg["run"]["dir"], cfg["trainer"].get("default_root_dir"))) / cfg["run"]["name"]))
             except CifarlabError:
                 return
         if not ckpt_path or not Path(ckpt_path).expanduser().is_file():
@@ -134,7 +134,8 @@ class CifarLabCLI(LightningCLI):
         ckpt = config.get("ckpt_path")
         self.resume_version = None
         if ckpt == "last":
-            config["ckpt_path"] = str(resolve_last(Path(config["run"]["dir"]) / config["run"]["name"]))
+            config["ckpt_path"] = self.last_ckpt or str(resolve_last(Path(config["run"]["dir"])
+                                                                     / config["run"]["name"]))
             if self.subcommand == "fit":
                 self.resume_version = Run.of_checkpoint(config["ckpt_path"]).version  # log into the same run
         elif ckpt and ckpt not in ("best", "hpc", "registry") and not Path(ckpt).expanduser().is_file():
