@@ -86,8 +86,19 @@ def main() -> None:
 
 def read_verdicts(path: str) -> dict[str, str]:
     """``{index: verdict}`` from a file of ``<index> <E|A|C>`` lines (``#`` starts a comment line)."""
-    lines = Path(path).read_text().splitlines()
-    return dict(line.split()[:2] for line in lines if line.strip() and not line.startswith("#"))
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as err:
+        raise SystemExit(f"--verdicts/--blind {path}: {err.strerror}: pass a file of `<index> <E|A|C>` lines") from None
+    verdicts = {}
+    for number, line in enumerate(lines, 1):
+        fields = line.split()
+        if not fields or line.startswith("#"):
+            continue
+        if len(fields) < 2 or not fields[0].isdigit() or fields[1] not in ("E", "A", "C"):
+            raise SystemExit(f"{path}, line {number}: {line.strip()!r} is not `<index> <E|A|C>`: correct or remove it")
+        verdicts[fields[0]] = fields[1]
+    return verdicts
 
 
 def draw_pages(cells: list[tuple[str, str, str, int]], images: np.ndarray, out: Path, prefix: str,

@@ -203,6 +203,12 @@ def test_flagged_grid_ranks_the_test_set_from_an_ensemble_and_counts_verdicts(sm
     out = _run("benchmarks/flagged_grid.py", "--data.root", root, "--ckpt", ckpt, "--out", tmp_path / "blind",
                "--blind", tmp_path / "verdicts.txt")
     assert "9 images judged" in out and (tmp_path / "blind" / "blind_1-9.png").exists()
+    (tmp_path / "bad.txt").write_text("12 E\n13 maybe\n")
+    proc = subprocess.run([sys.executable, "benchmarks/flagged_grid.py", "--data.root", str(root), "--ckpt", str(ckpt),
+                           "--blind", str(tmp_path / "bad.txt")], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"{tmp_path / 'bad.txt'}, line 2: '13 maybe' is not `<index> <E|A|C>`: correct or remove it")
 
 
 @pytest.mark.slow
