@@ -34,6 +34,8 @@ from cifarlab.datasets import (
     stratified_split,
 )
 from cifarlab.errors import ConfigError
+from cifarlab.pruning import LossPruning, LossPruningConfig, PrunedSampler
+from cifarlab.settings import as_group
 from cifarlab.stats import cached_channel_stats
 from cifarlab.transforms import (
     IMAGE_SIZE,
@@ -93,6 +95,8 @@ class CIFARDataModule(L.LightningDataModule):
         folds: for cross-validation (``cifarlab audit``): the training images are dealt into this many stratified
             folds (seeded by ``split_seed``) and fold ``fold`` is held out of training and validation. 1: no folds.
         fold: the fold held out, 0 to ``folds`` - 1.
+        pruning: see ``LossPruningConfig`` (``cifarlab.pruning``): epochs that leave out part of the images the
+            network already fits; off by default. Training batches then carry their images' indices.
     """
 
     def __init__(
@@ -109,6 +113,7 @@ class CIFARDataModule(L.LightningDataModule):
         skip_corrupt: bool = False,
         folds: int = 1,
         fold: int = 0,
+        pruning: LossPruningConfig | None = None,
     ):
         super().__init__()
         if folds < 1 or not 0 <= fold < folds:
@@ -122,6 +127,8 @@ class CIFARDataModule(L.LightningDataModule):
         if augment.brightness < 0 or not 0 <= augment.contrast < 1:
             raise ConfigError(f"augment.brightness (std units) must be >= 0 and augment.contrast in [0, 1), got "
                               f"{augment.brightness} and {augment.contrast}")
+        if pruning is not None and as_group(LossPruningConfig, pruning).prune > 0 and augment.backend != "tensor":
+            raise ConfigError("--data.pruning needs --data.augment.backend tensor")
         if augment.early_crop and augment.early_crop_epochs:
             if augment.backend != "tensor":
                 raise ConfigError("augment.early_crop needs --data.augment.backend tensor")
@@ -129,8 +136,12 @@ class CIFARDataModule(L.LightningDataModule):
                 raise ConfigError(f"augment.early_crop is the side of a training crop: between {MIN_CROP} and "
                                   f"{IMAGE_SIZE} pixels (or 0 for none), got {augment.early_crop}")
         # Plain types only in checkpoints, so they load with torch.load(weights_only=True).
-        self.save_hyperparameters(ignore=["augment"])
+        pruning = as_group(LossPruningConfig, pruning)
+        self.save_hyperparameters(ignore=["augment", "pruning"])
         self.hparams["augment"] = asdict(augment)
+        self.hparams["pruning"] = asdict(pruning)
+        self.pruning_config = pruning
+        self.pruning: LossPruning | None = None  # the training images' scores, once set up with pruning on
         self.data = DataSource(root, source, cache_dir, skip_corrupt)
         self.root, self.source = root, self.data.source
         self.batch_size = batch_size
@@ -219,6 +230,9 @@ class CIFARDataModule(L.LightningDataModule):
             gen = torch.Generator().manual_seed(torch.initial_seed() % 2**63)
             flip_first = torch.rand(len(self.train_set), generator=gen) < 0.5
             self.train_set.alternate_flips(flip_first, lambda: self.trainer.current_epoch if self.trainer else 0)
+        if self.pruning_config.prune > 0:
+            self.pruning = LossPruning(len(self.train_set), self.pruning_config)
+            self.train_set.serve_indices = True
         self.val_set = ImageArrayDataset(train.images[val_idx], train.labels[val_idx]) if len(val_idx) else None
         self.test_set = ImageArrayDataset(test.images, test.labels)
 
@@ -249,7 +263,29 @@ class CIFARDataModule(L.LightningDataModule):
             raise ConfigError(f"--data.batch_size {self.batch_size} is larger than the {len(self.train_set)} "
                               f"training images: an epoch would hold no batch; pass --data.batch_size {smaller} "
                               "or less (and scale the learning rates with it)")
-        return self._loader(self.train_set, self.batch_size, shuffle=True, drop_last=True)
+        if self.pruning is None:
+            return self._loader(self.train_set, self.batch_size, shuffle=True, drop_last=True)
+        if self.trainer is not None and self.trainer.world_size > 1:
+            raise ConfigError("--data.pruning runs in one process only: leave it out under DDP")
+        sampler = PrunedSampler(self.pruning, self.pruning_on)
+        return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, drop_last=True,
+                          collate_fn=_batch_is_collated, pin_memory=torch.cuda.is_available())
+
+    def pruning_on(self) -> bool:
+        """Whether the epoch starting now is pruned: before ``pruning.until`` of the run's optimizer steps."""
+        trainer = self.trainer
+        if trainer is None:
+            return True
+        total = getattr(trainer.lightning_module, "total_steps", None) or trainer.max_steps
+        return total is None or total < 0 or trainer.global_step < self.pruning_config.until * total
+
+    def state_dict(self) -> dict:
+        """Saved in checkpoints: the pruning scores, so a resumed run prunes as the first would have."""
+        return {"pruning": self.pruning.state_dict()} if self.pruning is not None else {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if self.pruning is not None and "pruning" in state_dict:
+            self.pruning.load_state_dict(state_dict["pruning"])
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_set is None:
@@ -267,9 +303,9 @@ class CIFARDataModule(L.LightningDataModule):
         training = self.trainer is not None and self.trainer.training
         # (ModelSummary also sends its bare example tensor through here: leave that alone.)
         if self.batch_augment is not None and training and isinstance(batch, (list, tuple)):
-            x, y = batch
+            x, *rest = batch  # (x, y) or, with pruning, (x, y, index)
             self.batch_augment.to(x.device)
-            batch = (self.batch_augment(x, crop_for_epoch(self.augment, self.trainer.current_epoch)), y)
+            batch = (self.batch_augment(x, crop_for_epoch(self.augment, self.trainer.current_epoch)), *rest)
         return batch
 
     def train_transform(self):

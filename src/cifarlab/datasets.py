@@ -240,6 +240,7 @@ class ImageArrayDataset(Dataset):
         self._seeded_pid = None
         self._flip_first: torch.Tensor | None = None  # (N,) bool, set by alternate_flips()
         self._epoch_fn = None
+        self.serve_indices = False  # batches (images, labels, indices): set for loss-based pruning
 
     def alternate_flips(self, flip_first: torch.Tensor, epoch_fn) -> None:
         """Serve image ``i`` mirrored in epoch ``e`` when ``flip_first[i] != (e is odd)``; ``epoch_fn()`` gives
@@ -271,7 +272,7 @@ class ImageArrayDataset(Dataset):
             if self._flip_first is not None:
                 flip = alternate_flip_mask(self._flip_first[torch.as_tensor(indices)], self._epoch_fn())
                 x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
-            return x, y
+            return (x, y, torch.as_tensor(indices, dtype=torch.long)) if self.serve_indices else (x, y)
         return torch.utils.data.default_collate([self[i] for i in indices])
 
 

@@ -212,20 +212,37 @@ class ImageClassifier(Predicts, L.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         selective = SelectiveBackpropConfig(**self.hparams.selective_backprop)
-        if selective.keep < 1:  # (off: nothing more runs or is logged than without the option)
-            x, y = batch
-            if selective.selects(self.global_step, self.total_steps):
-                # Scored in eval mode: BN's running statistics are left for the training forward to update, once.
-                with evaluating(self):
-                    batch = select_by_loss(self, x, y, selective.keep, scale_factor=selective.scale_factor,
-                                           label_smoothing=self.hparams.label_smoothing)
-            self.log("train_kept", len(batch[1]) / len(y), on_step=True, on_epoch=True)
+        if len(batch) == 3:  # (images, labels, indices): the data prunes epochs by loss (cifarlab.pruning)
+            if selective.keep < 1:
+                raise ConfigError("--data.pruning and --model.selective_backprop each choose images by loss: "
+                                  "use one of them")
+            logits, y, loss = self.pruned_logits_and_loss(*batch)
+        else:
+            if selective.keep < 1:  # (off: nothing more runs or is logged than without the option)
+                x, y = batch
+                if selective.selects(self.global_step, self.total_steps):
+                    # Scored in eval mode: BN's running statistics are left for the training forward to update, once.
+                    with evaluating(self):
+                        batch = select_by_loss(self, x, y, selective.keep, scale_factor=selective.scale_factor,
+                                               label_smoothing=self.hparams.label_smoothing)
+                self.log("train_kept", len(batch[1]) / len(y), on_step=True, on_epoch=True)
+            logits, y, loss = self.logits_and_loss(batch)
         # train_loss and train_acc are those of the images trained on (the kept ones on a selective step)
-        logits, y, loss = self.logits_and_loss(batch)
         self.train_acc(logits, y)
         self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True)
         self.log("train_acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
         return loss
+
+    def pruned_logits_and_loss(self, x: torch.Tensor, y: torch.Tensor,
+                               index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(logits, labels, loss)`` of a batch of a pruned epoch: each image's loss weighted as the epoch's draw
+        says, and recorded as that image's score for the next draws."""
+        pruning = self.trainer.datamodule.pruning
+        logits = self(x)
+        losses = F.cross_entropy(logits, y, reduction="none", label_smoothing=self.hparams.label_smoothing)  # (B,)
+        pruning.record(index, losses)
+        self.log("train_left_out", float(pruning.left_out), on_step=False, on_epoch=True, reduce_fx="max")
+        return logits, y, (losses * pruning.weights_of(index).to(losses.device)).mean()
 
     def validation_step(self, batch, batch_idx: int) -> None:
         logits, y, loss = self.logits_and_loss(batch)

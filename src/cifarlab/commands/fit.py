@@ -143,6 +143,12 @@ class CifarLabCLI(LightningCLI):
             raise CifarlabError(f"--ckpt_path {ckpt} not found: pass a .ckpt written by `cifarlab fit`, or 'last'")
         # The time budget: planned now, its numbers written into the config the run is built from.
         self.budget = budget_callback(config, self.subcommand, self.start)
+        if self.subcommand == "fit" and (config["data"].get("pruning") or {}).get("prune"):
+            # Pruned epochs are shorter: the run's length is its steps, which the schedule is planned over.
+            if not config["trainer"].get("max_steps") or config["trainer"]["max_steps"] < 0:
+                raise CifarlabError("--data.pruning makes epochs shorter: give the run's length as "
+                                    "--trainer.max_steps N (or --budget)")
+            config["trainer"]["max_epochs"] = -1
 
     def _check_checkpoint(self) -> None:
         """Refuse, in one line and before anything runs, a checkpoint with pickled objects or another network."""
