@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import csv
 import inspect
+import os
 import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -168,3 +171,32 @@ def test_the_app_imports_gradio_without_its_stub_writer():
     assert params == "[['component_class', 'class_name', 'events']]", \
         f"create_or_modify_pyi's arguments changed in {where}"
     assert page == "Blocks"
+
+
+def test_launcher_observer_ends_with_one_line_when_a_launched_rank_dies():
+    # A dead child rank and a live one: the patched observer stops the live one and exits 1 with the one line.
+    code = (
+        "import subprocess, sys\n"
+        "from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver\n"
+        "from cifarlab.signals import exit_when_a_launched_rank_dies\n"
+        "exit_when_a_launched_rank_dies()\n"
+        "dead = subprocess.Popen([sys.executable, '-c', 'raise SystemExit(3)']); dead.wait()\n"
+        "live = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+        "print(live.pid, flush=True)\n"
+        "_ChildProcessObserver(main_pid=0, child_processes=[dead, live])._run()\n"
+        "print('not reached')\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    where = ("src/cifarlab/signals.py (exit_when_a_launched_rank_dies)", "lightning's _ChildProcessObserver")
+    assert run.returncode == 1, fence(f"_ChildProcessObserver._terminate_all ({run.stderr[-300:]})", where)
+    assert "not reached" not in run.stdout
+    assert run.stderr.strip().splitlines()[-1] == (
+        "error: another process of this 3-process run died or stopped answering (rank 1 exited with 3); checkpoints "
+        "already saved are intact: resume with the same command and --ckpt_path last")
+    status = f"/proc/{int(run.stdout.split()[0])}/status"
+    for _ in range(50):  # the live rank is stopped, as Lightning stops it: gone, or a zombie nobody reaped yet
+        if not os.path.exists(status) or "State:\tZ" in Path(status).read_text():
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("the live rank was left running")

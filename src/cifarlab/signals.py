@@ -34,6 +34,9 @@ import lightning as L
 import torch
 import torch.distributed as dist
 
+# Private: its SIGKILL of every rank loses the dead-rank line (exit_when_a_launched_rank_dies below)
+from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
+
 # Private: no public way to swap its DDP-hanging handler: https://github.com/Lightning-AI/pytorch-lightning/issues/20806
 from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnector
 from lightning.pytorch.trainer.states import TrainerFn
@@ -146,5 +149,27 @@ def peer_failure(err: BaseException) -> str | None:
         return None
     first = re.sub(r"^\[[^\]]*\.(cc|cpp|h):\d+\]\s*", "", text.splitlines()[0]) if text else type(err).__name__
     first = first.split(". ")[0][:160]  # gloo: "[.../pair.cc:561] Connection closed by peer [127.0.0.1]:46219. This"...
-    return (f"another process of this {world}-process run died or stopped answering ({first}); checkpoints already "
+    return _peer_gone(world, first)
+
+
+def _peer_gone(world: int, why: str) -> str:
+    return (f"another process of this {world}-process run died or stopped answering ({why}); checkpoints already "
             "saved are intact: resume with the same command and --ckpt_path last")
+
+
+def exit_when_a_launched_rank_dies() -> None:
+    """Make the launching process end with the one line of ``peer_failure`` and status 1 when a rank it launched dies.
+
+    Lightning's launcher polls its child ranks every 5 s and, on a dead one, SIGKILLs the others and itself, so its
+    own collective's error (and the one line) is lost whenever the poll comes first. Private API
+    (``_ChildProcessObserver._terminate_all``), fenced in tests/test_private_apis.py.
+    """
+    def terminate_all(observer: _ChildProcessObserver) -> None:
+        children = observer._child_processes
+        for child in children:
+            child.send_signal(observer._termination_signal)  # as Lightning does: no zombie ranks
+        codes = ", ".join(f"rank {i + 1} exited with {c.returncode}" for i, c in enumerate(children) if c.returncode)
+        print(f"error: {_peer_gone(len(children) + 1, codes)}", file=sys.stderr, flush=True)
+        os._exit(1)
+
+    _ChildProcessObserver._terminate_all = terminate_all

@@ -29,7 +29,7 @@ from cifarlab.loggers import run_loggers
 from cifarlab.module import ImageClassifier
 from cifarlab.precision import choose_precision
 from cifarlab.runs import LAST, Run, claim_version, resolve_last, run_root
-from cifarlab.signals import StopOnSignal, peer_failure, received_signal
+from cifarlab.signals import StopOnSignal, exit_when_a_launched_rank_dies, peer_failure, received_signal
 
 CKPT_NAME = "epoch{epoch:02d}-val_acc{val_acc:.4f}"  # the best checkpoint's name, when chosen on val_acc
 
@@ -187,6 +187,7 @@ class CifarLabCLI(LightningCLI):
 
 def main(argv: list[str], start: float | None = None, description: str | None = None) -> None:
     """``cifarlab fit|validate|test ...``: ``argv`` includes the subcommand."""
+    exit_when_a_launched_rank_dies()
     CifarLabCLI(args=argv, start=start, description=description)
 
 
