@@ -191,8 +191,8 @@ def test_launcher_observer_ends_with_one_line_when_a_launched_rank_dies():
     assert run.returncode == 1, fence(f"_ChildProcessObserver._terminate_all ({run.stderr[-300:]})", where)
     assert "not reached" not in run.stdout
     assert run.stderr.strip().splitlines()[-1] == (
-        "error: another process of this 3-process run died or stopped answering (rank 1 exited with 3); checkpoints "
-        "already saved are intact: resume with the same command and --ckpt_path last")
+        "cifarlab: error: another process of this 3-process run died or stopped answering (rank 1 exited with 3); "
+        "checkpoints already saved are intact: resume with the same command and --ckpt_path last")
     status = f"/proc/{int(run.stdout.split()[0])}/status"
     for _ in range(50):  # the live rank is stopped, as Lightning stops it: gone, or a zombie nobody reaped yet
         if not os.path.exists(status) or "State:\tZ" in Path(status).read_text():

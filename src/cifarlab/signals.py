@@ -169,7 +169,7 @@ def exit_when_a_launched_rank_dies() -> None:
         for child in children:
             child.send_signal(observer._termination_signal)  # as Lightning does: no zombie ranks
         codes = ", ".join(f"rank {i + 1} exited with {c.returncode}" for i, c in enumerate(children) if c.returncode)
-        print(f"error: {_peer_gone(len(children) + 1, codes)}", file=sys.stderr, flush=True)
+        print(f"cifarlab: error: {_peer_gone(len(children) + 1, codes)}", file=sys.stderr, flush=True)
         os._exit(1)
 
     _ChildProcessObserver._terminate_all = terminate_all
