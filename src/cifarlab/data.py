@@ -18,7 +18,7 @@ from typing import Literal
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from cifarlab.datasets import (
     DataSource,
@@ -127,7 +127,8 @@ class CIFARDataModule(L.LightningDataModule):
         if augment.brightness < 0 or not 0 <= augment.contrast < 1:
             raise ConfigError(f"augment.brightness (std units) must be >= 0 and augment.contrast in [0, 1), got "
                               f"{augment.brightness} and {augment.contrast}")
-        if pruning is not None and as_group(LossPruningConfig, pruning).prune > 0 and augment.backend != "tensor":
+        pruning = as_group(LossPruningConfig, pruning)
+        if pruning.prune > 0 and augment.backend != "tensor":
             raise ConfigError("--data.pruning needs --data.augment.backend tensor")
         if augment.early_crop and augment.early_crop_epochs:
             if augment.backend != "tensor":
@@ -136,7 +137,6 @@ class CIFARDataModule(L.LightningDataModule):
                 raise ConfigError(f"augment.early_crop is the side of a training crop: between {MIN_CROP} and "
                                   f"{IMAGE_SIZE} pixels (or 0 for none), got {augment.early_crop}")
         # Plain types only in checkpoints, so they load with torch.load(weights_only=True).
-        pruning = as_group(LossPruningConfig, pruning)
         self.save_hyperparameters(ignore=["augment", "pruning"])
         self.hparams["augment"] = asdict(augment)
         self.hparams["pruning"] = asdict(pruning)
@@ -245,11 +245,11 @@ class CIFARDataModule(L.LightningDataModule):
             labels = self.load_splits()["train"].labels
         return np.flatnonzero(stratified_folds(np.asarray(labels), self.folds, self.split_seed) == self.fold)
 
-    def _loader(self, dataset, batch_size: int, shuffle: bool, drop_last: bool = False) -> DataLoader:
+    def _loader(self, dataset, batch_size: int, shuffle: bool, drop_last: bool = False,
+                sampler: Sampler | None = None) -> DataLoader:
         workers = self.num_workers if dataset.transform is not None else 0
-        sampler = None
         trainer = self.trainer
-        if not shuffle and trainer is not None and trainer.world_size > 1:
+        if sampler is None and not shuffle and trainer is not None and trainer.world_size > 1:
             # Lightning's DistributedSampler pads evaluation sets by repeating images until every rank has as
             # many; this one splits them exactly, so validation and test accuracy count each image once.
             sampler = ExactSplitSampler(dataset, num_replicas=trainer.world_size, rank=trainer.global_rank)
@@ -267,9 +267,8 @@ class CIFARDataModule(L.LightningDataModule):
             return self._loader(self.train_set, self.batch_size, shuffle=True, drop_last=True)
         if self.trainer is not None and self.trainer.world_size > 1:
             raise ConfigError("--data.pruning runs in one process only: leave it out under DDP")
-        sampler = PrunedSampler(self.pruning, self.pruning_on)
-        return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, drop_last=True,
-                          collate_fn=_batch_is_collated, pin_memory=torch.cuda.is_available())
+        return self._loader(self.train_set, self.batch_size, shuffle=False, drop_last=True,
+                            sampler=PrunedSampler(self.pruning, self.pruning_on))
 
     def pruning_on(self) -> bool:
         """Whether the epoch starting now is pruned: before ``pruning.until`` of the run's optimizer steps."""
